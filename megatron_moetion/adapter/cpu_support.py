@@ -1,0 +1,398 @@
+"""Run megatron-core 0.19.2 (core and ``megatron/training``) on a CPU-only torch with gloo.
+
+Only for CPU demos and tests: ``install()`` refuses to run where CUDA is available, and nothing
+in the package calls it implicitly. Call it in every worker process before anything from
+``megatron`` is imported. Each workaround below names the Megatron file it covers; a test per
+workaround lives in ``tests/megatron/test_cpu_support.py``. ``MOETION_CPU_DISABLE=a,b`` turns
+single workarounds off, to see what breaks without them.
+
+Workarounds for ``megatron/core``: paged_stash, rng, streams, current_device, moe_dtoh,
+device_mode. For ``megatron/training``: typing_override, allow_no_cuda, device_count,
+compile_helpers. For loading a DistributedOptimizer checkpoint with the torch.optim fallback
+(no Apex/TE, so also on GPU without them): distopt_step_key, distopt_init_state,
+distopt_load_state. Speed only: inprocess_ckpt_queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import types
+import typing
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+ENV_DISABLE = "MOETION_CPU_DISABLE"
+WORKAROUNDS = (
+    "paged_stash", "rng", "streams", "current_device", "moe_dtoh", "device_mode",
+    "typing_override", "allow_no_cuda", "device_count", "compile_helpers",
+    "distopt_step_key", "distopt_init_state", "distopt_load_state", "inprocess_ckpt_queue",
+)
+
+applied: list[str] = []
+originals: dict[str, object] = {}
+_mode: TorchFunctionMode | None = None
+
+
+def _enabled(name: str) -> bool:
+    return name not in set(filter(None, os.environ.get(ENV_DISABLE, "").split(",")))
+
+
+# --- megatron/core/transformer/moe/ops/paged_stash.py: `import triton` at module level, reached
+#     from `import megatron.core` via pipeline_parallel/schedules.py. Register a stub module
+#     (only where triton is really absent) whose kernels raise if ever called.
+def _stub_paged_stash() -> None:
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    if name in sys.modules or importlib_find("triton"):
+        return
+    stub = types.ModuleType(name)
+    stub.GLOBAL_BLOCK_SIZE = 1024
+
+    def _no_kernel(*_args, **_kwargs):
+        raise RuntimeError("MoE paged-stash triton kernels are not available on CPU")
+
+    stub.paged_stash_copy_kernel = _no_kernel
+    stub.paged_stash_pop_kernel = _no_kernel
+    sys.modules[name] = stub
+
+
+def importlib_find(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+# --- megatron/core/tensor_parallel/random.py: CudaRNGStatesTracker.add/fork and
+#     model_parallel_cuda_manual_seed call torch.cuda.{get,set}_rng_state/manual_seed and the
+#     module helpers _get_cuda_rng_state/_set_cuda_rng_state. Map the "CUDA" generator onto the
+#     CPU default generator, which is what CPU dropout draws from; the tracker still keeps a
+#     separate state per named stream (TP, EP, data-parallel).
+def _patch_rng() -> None:
+    import megatron.core.tensor_parallel.random as rng
+
+    originals["rng._get_cuda_rng_state"] = rng._get_cuda_rng_state
+    rng._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
+        torch.get_rng_state())
+    rng._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
+        torch.set_rng_state(new_state))
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+
+
+# --- torch.cuda.Stream/Event/synchronize, used by transformer/moe/token_dispatcher.py
+#     (MoEAlltoAllTokenDispatcher), distributed/param_and_grad_buffer.py (start_grad_sync) and
+#     pipeline_parallel/p2p_communication.py (_communicate). Null objects: on CPU every op is
+#     synchronous, so there is nothing to wait for.
+class NullEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+class NullStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else NullEvent()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+_DEFAULT_STREAM = NullStream()
+
+
+def _patch_streams() -> None:
+    originals["torch.cuda.synchronize"] = torch.cuda.synchronize
+    torch.cuda.Stream = NullStream
+    torch.cuda.Event = NullEvent
+    torch.cuda.current_stream = lambda device=None: _DEFAULT_STREAM
+    torch.cuda.default_stream = lambda device=None: _DEFAULT_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda device=None: None
+
+
+# --- torch.cuda.current_device(): about 200 allocation sites in megatron/core, first hit in
+#     distributed/param_and_grad_buffer.py _ParamAndGradBuffer.__init__; "cpu" is accepted
+#     wherever a device is.
+def _patch_current_device() -> None:
+    originals["torch.cuda.current_device"] = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"
+
+
+# --- megatron/core/transformer/moe/moe_utils.py maybe_move_tensor_to_cpu converts to numpy
+#     only for CUDA tensors, so on CPU the alltoall dispatcher hands tensors as split sizes to
+#     ProcessGroup.all_to_all_single (TypeError). token_dispatcher.py imports it by name.
+def _patch_moe_dtoh() -> None:
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    import megatron.core.transformer.moe.token_dispatcher as dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+    originals["moe_utils.maybe_move_tensor_to_cpu"] = original
+
+    @functools.wraps(original)
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy() if as_numpy else tensor
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+# --- Hard-coded device="cuda", .cuda() and 'torch.cuda.FloatTensor' type checks across
+#     megatron/core and megatron/training: optimizer/optimizer.py (FP32Optimizer._scale),
+#     optimizer/clip_grads.py (get_grad_norm_fp32, clip_grad_by_total_norm_fp32 asserting
+#     grad.type() == 'torch.cuda.FloatTensor'), optimizer/distrib_optimizer.py (param.type()
+#     dispatch), pipeline_parallel/schedules.py, models/common/language_module, and
+#     training/training.py (get_model's .cuda(), device='cuda' tensors). A TorchFunctionMode
+#     maps CUDA devices to CPU, makes .cuda()/.pin_memory() no-ops and reports CPU tensors'
+#     .type() with the CUDA name.
+def to_cpu_device(device):
+    if device is None:
+        return device
+    if isinstance(device, int) and not isinstance(device, bool):
+        return torch.device("cpu")
+    if isinstance(device, str):
+        return torch.device("cpu") if device.startswith("cuda") else device
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments of every torch call to the CPU."""
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            return args[0]
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False  # a CPU-only torch build has no pinned allocator
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if args[0].is_cuda else name.replace("torch.", "torch.cuda.", 1)
+        if "device" in kwargs:
+            kwargs["device"] = to_cpu_device(kwargs["device"])
+        if (func is torch.Tensor.to and len(args) > 1
+                and not isinstance(args[1], torch.Tensor | torch.dtype)):
+            args = (args[0], to_cpu_device(args[1])) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+# --- megatron/training/models/*.py use typing.override (Python 3.12); they are imported by
+#     megatron/training/config/container.py from training.py. A pass-through decorator.
+def _patch_typing_override() -> None:
+    if not hasattr(typing, "override"):
+        typing.override = lambda func: func
+
+
+# --- megatron/training/initialize.py initialize_megatron asserts torch.cuda.is_available()
+#     unless allow_no_cuda=True, and training.py pretrain() calls it without that flag.
+def _patch_allow_no_cuda() -> None:
+    import megatron.training.training as training
+
+    originals["training.initialize_megatron"] = training.initialize_megatron
+    training.initialize_megatron = functools.partial(
+        training.initialize_megatron, allow_no_cuda=True)
+
+
+# --- megatron/training/initialize.py _initialize_distributed calls
+#     mpu.initialize_model_parallel, and _set_random_seed calls model_parallel_cuda_manual_seed,
+#     only if torch.cuda.device_count() > 0. Report one device; set_device is a no-op.
+def _patch_device_count() -> None:
+    originals["torch.cuda.device_count"] = torch.cuda.device_count
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.set_device = lambda device: None
+
+
+# --- megatron/training/initialize.py _compile_dependencies -> megatron/core/datasets/utils.py
+#     compile_helpers runs `make` in megatron/core/datasets, but the wheel ships the prebuilt
+#     helpers_cpp extension and no Makefile (sys.exit(1) on rank 0). Not CPU-specific.
+def _patch_compile_helpers() -> None:
+    import megatron.core.datasets.utils as dataset_utils
+    from megatron.core.datasets import helpers_cpp  # noqa: F401  (the prebuilt .so must import)
+
+    originals["datasets.compile_helpers"] = dataset_utils.compile_helpers
+    dataset_utils.compile_helpers = lambda: None
+
+
+# --- megatron/core/optimizer/distrib_optimizer.py _set_main_param_and_optimizer_states copies
+#     every tensor of the torch.optim state, including Adam's 'step', which fully_reshardable
+#     checkpoints do not carry (KeyError: 'step'). Feed back the current value.
+def _patch_distopt_step_key() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    originals["distopt._set_main_param_and_optimizer_states"] = original
+
+    def _set(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state.get(main_param, {})
+            if torch.is_tensor(state.get("step")):
+                tensors = {**tensors, "step": state["step"].clone()}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set
+
+
+def init_optimizer_state_for_loading(megatron_optimizer) -> None:
+    """Pre-create Adam state so ``DistributedOptimizer.state_dict()`` works before step 1.
+
+    megatron/core/optimizer/distrib_optimizer.py state_dict asserts ``len(steps) == 1`` on the
+    torch.optim fallback, but torch.optim has no state before its first ``step()``.
+    """
+    for opt in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        inner = opt.optimizer
+        if getattr(opt, "init_state_fn", None) is not None:
+            opt.init_state_fn(inner, opt.config)
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                state.setdefault("exp_avg", torch.zeros_like(param.data))
+                state.setdefault("exp_avg_sq", torch.zeros_like(param.data))
+                state.setdefault("step", torch.tensor(0.0))
+
+
+def fix_optimizer_step_after_load(megatron_optimizer) -> None:
+    """Copy ``param_groups[i]['step']`` into every parameter's Adam state after a load.
+
+    Megatron restores the step count only into the param group on the torch.optim fallback;
+    without this, training continues with the wrong bias correction (silently diverges).
+    """
+    for opt in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        for group in opt.optimizer.param_groups:
+            if "step" in group:
+                for param in group["params"]:
+                    state = opt.optimizer.state.get(param)
+                    if state is not None and "step" in state:
+                        state["step"] = torch.tensor(float(group["step"]))
+
+
+# --- megatron/training/checkpointing.py load_checkpoint -> generate_state_dict ->
+#     DistributedOptimizer.sharded_state_dict(is_loading=True) -> state_dict() asserts
+#     len(steps) == 1, but a fresh torch.optim.Adam has no state yet.
+def _patch_distopt_init_state() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.sharded_state_dict
+    originals["distopt.sharded_state_dict"] = original
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, *args, **kwargs):
+        if is_loading and len(self.optimizer.state) == 0:
+            init_optimizer_state_for_loading(self)
+        return original(self, model_sharded_state_dict, is_loading, *args, **kwargs)
+
+    DistributedOptimizer.sharded_state_dict = sharded_state_dict
+
+
+# --- DistributedOptimizer.load_state_dict -> load_parameter_state_from_dp_reshardable copies
+#     into views of leaf params outside no_grad (RuntimeError), and leaves Adam's per-param step
+#     at its pre-load value (see fix_optimizer_step_after_load).
+def _patch_distopt_load_state() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.load_state_dict
+    originals["distopt.load_state_dict"] = original
+
+    def load_state_dict(self, state_dict):
+        with torch.no_grad():
+            out = original(self, state_dict)
+        fix_optimizer_step_after_load(self)
+        return out
+
+    DistributedOptimizer.load_state_dict = load_state_dict
+
+
+# --- Speed only: megatron/core/dist_checkpointing/strategies/filesystem_async.py
+#     get_write_results_queue starts a spawn-context Manager (a fresh interpreter per rank,
+#     about 9 s on 2 cores) on the first save. A plain queue is enough without --async-save.
+def _patch_inprocess_ckpt_queue() -> None:
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+_CORE = (
+    ("rng", _patch_rng), ("streams", _patch_streams),
+    ("current_device", _patch_current_device), ("moe_dtoh", _patch_moe_dtoh),
+)
+_TRAINING = (
+    ("allow_no_cuda", _patch_allow_no_cuda), ("device_count", _patch_device_count),
+    ("compile_helpers", _patch_compile_helpers), ("distopt_step_key", _patch_distopt_step_key),
+    ("distopt_init_state", _patch_distopt_init_state),
+    ("distopt_load_state", _patch_distopt_load_state),
+    ("inprocess_ckpt_queue", _patch_inprocess_ckpt_queue),
+)
+
+
+def install(*, training: bool = True, force: bool = False) -> list[str]:
+    """Apply every enabled workaround once; return the names applied.
+
+    Args:
+        training: also apply the ``megatron/training`` workarounds (imports it).
+        force: install even where CUDA is available (only for this package's own tests).
+
+    Raises:
+        RuntimeError: CUDA is available and ``force`` is not set.
+    """
+    global _mode
+    if torch.cuda.is_available() and not force:
+        raise RuntimeError(
+            "megatron_moetion.adapter.cpu_support.install() makes Megatron run on the CPU and "
+            "must not be used on a machine with CUDA; it is only for CPU demos and tests."
+        )
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "paged_stash" not in applied and _enabled("paged_stash"):
+        _stub_paged_stash()
+        applied.append("paged_stash")
+    import megatron.core  # noqa: F401  (needs the stub above)
+
+    steps = list(_CORE)
+    if training:
+        if "typing_override" not in applied and _enabled("typing_override"):
+            _patch_typing_override()
+            applied.append("typing_override")
+        steps += list(_TRAINING)
+    for name, patch in steps:
+        if name not in applied and _enabled(name):
+            patch()
+            applied.append(name)
+    if _mode is None and _enabled("device_mode"):
+        _mode = CudaToCpuMode()
+        _mode.__enter__()
+        applied.append("device_mode")
+    return list(applied)

@@ -1,0 +1,211 @@
+"""``MoEtionConfig``: the one typed configuration of megatron_moetion, and its CLI flags.
+
+Every field becomes a ``--moetion-<field-with-dashes>`` flag in one argparse group, which the
+patched ``megatron/training/arguments.py`` adds to Megatron's parser. ``from_args`` turns the
+parsed namespace back into a validated config; validation raises ``ConfigError`` naming the
+flag, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_moetion.errors import ConfigError
+
+FLAG_PREFIX = "moetion"
+ENV_FAULT_PLAN = "MOETION_FAULT_PLAN"
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class MoEtionConfig:
+    """Configuration of sparse checkpointing, upstream logging and localized recovery."""
+
+    enabled: bool = field(
+        default=False,
+        metadata=_help(
+            "Turn MoEtion on: sparse snapshots every iteration, buddy replication, upstream "
+            "logging and localized recovery. Every other --moetion-* flag needs it, except "
+            "--moetion-oracle-dir.",
+            flag="--moetion",
+        ),
+    )
+    window: int = field(
+        default=0,
+        metadata=_help(
+            "Sparse window W (iterations to capture every operator once). 0 picks the smallest W "
+            "whose per-iteration snapshot fits the measured forward+backward time (Algorithm 1); "
+            "1 is dense (every operator's full state every iteration, Gemini-style)."
+        ),
+    )
+    replication_factor: int = field(
+        default=2,
+        metadata=_help(
+            "Buddy ranks (on other nodes where there are several) that hold a copy of each "
+            "window. 0 keeps snapshots local only. Capped by the world size, with a warning."
+        ),
+    )
+    copy_bandwidth_gbps: float = field(
+        default=0.0,
+        metadata=_help(
+            "Device-to-host copy bandwidth in GB/s used to size W. 0 measures it at start-up."
+        ),
+    )
+    iter_time_s: float = field(
+        default=0.0,
+        metadata=_help(
+            "Forward+backward time per iteration in seconds used to size W. 0 measures it "
+            "(median of recent iterations)."
+        ),
+    )
+    upstream_logging: bool = field(
+        default=True,
+        metadata=_help(
+            "Keep the activations and gradients each pipeline stage sends, so that only the "
+            "failed stage replays after a failure. Off means every failure rolls back globally."
+        ),
+    )
+    fault_plan: str = field(
+        default="",
+        metadata=_help(
+            "Faults to inject, e.g. 'rank=3,iter=12,phase=bwd,kind=lose_state'; several "
+            f"separated by ';'. Also read from ${ENV_FAULT_PLAN} (the flag wins)."
+        ),
+    )
+    metrics_file: str = field(
+        default="",
+        metadata=_help(
+            "Write per-iteration and per-recovery metrics as JSON lines to this path; "
+            "'{rank}' in the path is replaced by the global rank."
+        ),
+    )
+    persist_dir: str = field(
+        default="",
+        metadata=_help(
+            "Also write each persisted window to this directory in the background "
+            "(versioned, checksummed format)."
+        ),
+    )
+    oracle_dir: str = field(
+        default="",
+        metadata=_help(
+            "Dump per-iteration losses and grad norms and, at the end, the parameters and "
+            "optimizer state of every rank here, for the bitwise determinism oracle. Works "
+            "with --moetion off too."
+        ),
+    )
+    reorder_threshold: float = field(
+        default=0.10,
+        metadata=_help(
+            "Relative change in an expert's token share that counts as a popularity change."
+        ),
+    )
+    reorder_fraction: float = field(
+        default=0.25,
+        metadata=_help(
+            "Reorder operators (at a window boundary) when at least this fraction of experts "
+            "changed popularity by more than --moetion-reorder-threshold."
+        ),
+    )
+    popularity_window_iters: int = field(
+        default=100,
+        metadata=_help("Rolling window of router token counts used for popularity ordering."),
+    )
+    replication_chunk_mb: int = field(
+        default=16,
+        metadata=_help(
+            "Replication sends windows in chunks of this many MiB, so it never holds up a "
+            "training collective for long."
+        ),
+    )
+    timeout_s: float = field(
+        default=300.0,
+        metadata=_help(
+            "Timeout in seconds for MoEtion's own collectives (agreement, replication, "
+            "recovery transfers)."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.window >= 0, "window", self.window, "an integer >= 0 (0 = automatic)")
+        _check(self.replication_factor >= 0, "replication-factor", self.replication_factor,
+               "an integer >= 0")
+        _check(self.copy_bandwidth_gbps >= 0, "copy-bandwidth-gbps", self.copy_bandwidth_gbps,
+               ">= 0 (0 = measure)")
+        _check(self.iter_time_s >= 0, "iter-time-s", self.iter_time_s, ">= 0 (0 = measure)")
+        _check(0 < self.reorder_threshold < 10, "reorder-threshold", self.reorder_threshold,
+               "in (0, 10)")
+        _check(0 < self.reorder_fraction <= 1, "reorder-fraction", self.reorder_fraction,
+               "in (0, 1]")
+        _check(self.popularity_window_iters >= 2, "popularity-window-iters",
+               self.popularity_window_iters, "an integer >= 2")
+        _check(self.replication_chunk_mb >= 1, "replication-chunk-mb",
+               self.replication_chunk_mb, "an integer >= 1")
+        _check(self.timeout_s > 0, "timeout-s", self.timeout_s, "> 0")
+        if not self.enabled:
+            # Fault plans and sparse-checkpoint settings need MoEtion itself; silently
+            # ignoring them would let a user believe they are protected.
+            for name in ("fault_plan", "persist_dir", "metrics_file"):
+                if getattr(self, name):
+                    raise ConfigError(
+                        f"--{FLAG_PREFIX}-{name.replace('_', '-')} needs --moetion; "
+                        f"got it without --moetion"
+                    )
+        if self.fault_plan:
+            from megatron_moetion.testing.faults import FaultPlan
+
+            FaultPlan.parse(self.fault_plan)  # raises FaultPlanError on a malformed plan
+
+    @property
+    def replication_chunk_bytes(self) -> int:
+        return self.replication_chunk_mb * (1 << 20)
+
+    def with_overrides(self, **changes: Any) -> MoEtionConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, flag: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{FLAG_PREFIX}-{flag} must be {allowed}; got {value!r}")
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or f"--{FLAG_PREFIX}-{f.name.replace('_', '-')}"
+
+
+def dest_name(f: dataclasses.Field) -> str:
+    return f"{FLAG_PREFIX}_{f.name}" if f.name != "enabled" else FLAG_PREFIX
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``moetion`` argument group to a Megatron (or any argparse) parser."""
+    group = parser.add_argument_group(title="moetion")
+    for f in dataclasses.fields(MoEtionConfig):
+        flag, dest, help_text = flag_name(f), dest_name(f), f.metadata["help"]
+        if f.type in ("bool", bool):
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                               default=f.default, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            group.add_argument(flag, dest=dest, type=kind, default=f.default, help=help_text)
+    return parser
+
+
+def from_args(args: argparse.Namespace) -> MoEtionConfig:
+    """Build the config from a parsed namespace (Megatron's ``args``).
+
+    ``MOETION_FAULT_PLAN`` fills the fault plan when the flag is not given.
+    """
+    values = {}
+    for f in dataclasses.fields(MoEtionConfig):
+        values[f.name] = getattr(args, dest_name(f), f.default)
+    if not values["fault_plan"]:
+        values["fault_plan"] = os.environ.get(ENV_FAULT_PLAN, "")
+    return MoEtionConfig(**values)

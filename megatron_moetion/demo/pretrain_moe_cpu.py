@@ -1,0 +1,118 @@
+"""torchrun entry point: Megatron's own ``pretrain()`` on CPU, with gloo, for a tiny MoE GPT.
+
+Megatron's ``pretrain_gpt.py`` is not in the megatron-core wheel, so this is the small
+equivalent the CPU demo and tests run: MCore ``GPTModel`` with the local layer spec, mock data,
+every Megatron flag passed through. It must run against the *patched* Megatron tree
+(``build/megatron-patched`` first on ``PYTHONPATH``; ``python -m megatron_moetion.demo`` sets
+that up)::
+
+    torchrun --nproc-per-node 4 -m megatron_moetion.demo.pretrain_moe_cpu <megatron flags>
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from megatron_moetion.adapter import cpu_support  # noqa: E402
+
+cpu_support.install()
+
+from functools import partial  # noqa: E402
+
+from megatron.core import parallel_state as mpu  # noqa: E402
+from megatron.core.datasets.blended_megatron_dataset_builder import (  # noqa: E402
+    BlendedMegatronDatasetBuilder,
+)
+from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset  # noqa: E402
+from megatron.core.enums import ModelType  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.training import get_args, get_tokenizer, pretrain  # noqa: E402
+from megatron.training.argument_utils import (  # noqa: E402
+    core_transformer_config_from_args,
+    pretrain_cfg_container_from_args,
+)
+from megatron.training.arguments import parse_and_validate_args  # noqa: E402
+
+from megatron_moetion import megatron_hooks  # noqa: E402
+
+
+def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None,
+                   pg_collection=None):
+    args = get_args()
+    if config is None:
+        config = core_transformer_config_from_args(args)
+    spec = get_gpt_layer_local_spec(num_experts=args.num_experts,
+                                    moe_grouped_gemm=args.moe_grouped_gemm)
+    return GPTModel(
+        config=config, transformer_layer_spec=spec, vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings, pre_process=pre_process,
+        post_process=post_process, parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type, vp_stage=vp_stage,
+        pg_collection=pg_collection)
+
+
+def get_batch(data_iterator, vp_stage=None):
+    """TP=1, CP=1: only the first and last pipeline stages read data."""
+    first = mpu.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    last = mpu.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if not (first or last):
+        return None, None, None, None, None
+    batch = next(data_iterator)
+    return (batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("attention_mask"),
+            batch["position_ids"])
+
+
+def loss_func(loss_mask, output_tensor):
+    losses = output_tensor.view(-1).float()
+    loss_mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * loss_mask)
+    num_tokens = loss_mask.sum().clone().detach().to(torch.int)
+    reporting_loss = torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])
+    return loss, num_tokens, {"lm loss": reporting_loss}
+
+
+def forward_step(data_iterator, model, return_schedule_plan=False):
+    vp_stage = getattr(model, "vp_stage", None)
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, vp_stage)
+    output_tensor = model(tokens, position_ids, attention_mask, labels=labels,
+                          loss_mask=loss_mask)
+    return output_tensor, partial(loss_func, loss_mask)
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    args = get_args()
+    config = GPTDatasetConfig(
+        random_seed=args.seed, sequence_length=args.seq_length, blend=None,
+        blend_per_split=None, split="969,30,1", path_to_cache=None, tokenizer=get_tokenizer(),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False)
+    return BlendedMegatronDatasetBuilder(
+        MockGPTDataset, train_val_test_num_samples, lambda: True, config).build()
+
+
+train_valid_test_datasets_provider.is_distributed = True
+
+
+def main() -> None:
+    import megatron.training.training as training
+
+    if getattr(training, "megatron_hooks", None) is not megatron_hooks:
+        raise RuntimeError(
+            f"{training.__file__} is not patched for MoEtion; run `make patched-megatron` and "
+            f"put build/megatron-patched first on PYTHONPATH (python -m megatron_moetion.demo "
+            f"does both)")
+    args = parse_and_validate_args(args_defaults={})
+    pretrain(pretrain_cfg_container_from_args(args), train_valid_test_datasets_provider,
+             ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Build Megatron command lines for the tiny CPU MoE run and launch them under torchrun.
+
+``RunConfig`` describes one run (model size, parallel layout, MoEtion settings, faults);
+``megatron_flags`` turns it into Megatron's flags; ``run_pretrain`` launches
+``pretrain_moe_cpu`` on the patched Megatron tree and returns where its outputs are. Used by the
+demo, the tests and the benchmark, so all of them train the same model the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_moetion.testing.launch import RunResult, run_torchrun
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PATCHED_MEGATRON = Path(os.environ.get("MOETION_PATCHED_MEGATRON",
+                                       REPO_ROOT / "build" / "megatron-patched"))
+DRIVER = Path(__file__).resolve().parent / "pretrain_moe_cpu.py"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One tiny MoE GPT run on CPU (defaults: the demo's PP=2 x EP=2 x DP=2 layout)."""
+
+    num_layers: int = 4
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    seq_length: int = 32
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    num_experts: int = 8
+    topk: int = 2
+    pp: int = 2
+    ep: int = 2
+    dp: int = 2
+    train_iters: int = 12
+    distributed_optimizer: bool = True
+    bf16: bool = False
+    hidden_dropout: float = 0.0
+    lr: float = 1e-3
+    seed: int = 1234
+    moetion: bool = False
+    window: int = 0
+    replication_factor: int = 2
+    fault_plan: str = ""
+    save_interval: int = 0
+    extra_flags: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp
+
+    def replace(self, **changes) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def megatron_flags(cfg: RunConfig, out_dir: Path) -> list[str]:
+    """Megatron command-line flags for ``cfg``; outputs go under ``out_dir``."""
+    flags = [
+        "--num-layers", cfg.num_layers, "--hidden-size", cfg.hidden_size,
+        "--ffn-hidden-size", cfg.ffn_hidden_size, "--num-attention-heads",
+        cfg.num_attention_heads, "--seq-length", cfg.seq_length,
+        "--max-position-embeddings", cfg.seq_length,
+        "--micro-batch-size", cfg.micro_batch_size, "--global-batch-size",
+        cfg.global_batch_size, "--train-iters", cfg.train_iters,
+        "--lr", cfg.lr, "--min-lr", cfg.lr / 10, "--lr-decay-style", "cosine",
+        "--lr-warmup-iters", 2, "--weight-decay", 0.01, "--clip-grad", 1.0,
+        "--pipeline-model-parallel-size", cfg.pp,
+        "--expert-model-parallel-size", cfg.ep,
+        "--num-experts", cfg.num_experts, "--moe-router-topk", cfg.topk,
+        "--moe-token-dispatcher-type", "alltoall",
+        "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", 1e-2,
+        "--distributed-backend", "gloo", "--untie-embeddings-and-output-weights",
+        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", 128,
+        "--transformer-impl", "local", "--no-gradient-accumulation-fusion",
+        "--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
+        "--no-rope-fusion", "--no-persist-layer-norm", "--use-cpu-initialization",
+        "--deterministic-mode", "--disable-bias-linear", "--position-embedding-type", "rope",
+        "--normalization", "LayerNorm", "--hidden-dropout", cfg.hidden_dropout,
+        "--attention-dropout", 0.0, "--log-interval", 1, "--eval-iters", 0,
+        "--eval-interval", 100000, "--seed", cfg.seed,
+        "--moetion-oracle-dir", out_dir / "oracle",
+    ]
+    if cfg.distributed_optimizer:
+        flags.append("--use-distributed-optimizer")
+    if cfg.bf16:
+        flags.append("--bf16")
+    if cfg.save_interval:
+        flags += ["--save", out_dir / "ckpt", "--load", out_dir / "ckpt",
+                  "--save-interval", cfg.save_interval, "--ckpt-format", "torch_dist"]
+    if cfg.moetion:
+        flags += ["--moetion", "--moetion-window", cfg.window,
+                  "--moetion-replication-factor", cfg.replication_factor,
+                  "--moetion-metrics-file", out_dir / "metrics" / "rank{rank}.jsonl"]
+        if cfg.fault_plan:
+            flags += ["--moetion-fault-plan", cfg.fault_plan]
+    return [str(f) for f in flags] + list(cfg.extra_flags)
+
+
+def run_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a worker: the patched Megatron tree and this repo first on the path."""
+    if not (PATCHED_MEGATRON / "megatron" / "training" / "training.py").exists():
+        raise FileNotFoundError(
+            f"no patched Megatron tree at {PATCHED_MEGATRON}; run `make patched-megatron` "
+            f"(scripts/check_patches.sh build/megatron-patched) first")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(PATCHED_MEGATRON), str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.pop("MOETION_FAULT_PLAN", None)  # faults come from RunConfig only
+    env.update(extra or {})
+    return env
+
+
+def run_pretrain(cfg: RunConfig, out_dir: str | os.PathLike, *, timeout_s: float = 600,
+                 env: dict[str, str] | None = None, max_restarts: int = 0) -> RunResult:
+    """Launch one run; its log is ``out_dir/log.txt`` and its oracle dump ``out_dir/oracle``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return run_torchrun(DRIVER, cfg.world_size, megatron_flags(cfg, out_dir),
+                        log_path=out_dir / "log.txt", timeout_s=timeout_s, env=run_env(env),
+                        max_restarts=max_restarts, python=sys.executable)

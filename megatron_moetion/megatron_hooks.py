@@ -1,0 +1,125 @@
+"""The entry points the patched Megatron-LM calls, one line per call site.
+
+In the style of ``megatron/training/ft_integration.py``: every hook does nothing while
+``--moetion`` is off (the only exception is ``--moetion-oracle-dir``, the determinism dump,
+which also works without MoEtion so that MoEtion-on and MoEtion-off runs can be compared).
+Call order, on every rank::
+
+    add_arguments(parser)                        # arguments.py, while building the parser
+    on_checkpoint_load(iteration)                # only where --load found a checkpoint
+    setup(model, optimizer, scheduler, args)     # pretrain(), once model and data exist
+    wrap_forward_backward_func(fn) -> fn         # train(), once
+    per iteration t (1-based, as Megatron logs it):
+        on_train_step_start(t)
+        (the wrapped forward_backward_func runs inside train_step)
+        on_optimizer_step_end(t, update_successful, grad_norm)
+        on_train_step_end(t, loss_dict, grad_norm, skipped_iter)
+        on_checkpoint_save(t, non_persistent)   # on iterations that save
+    shutdown()                                   # end of training (both exit paths)
+
+This module imports no Megatron code at import time (``arguments.py`` imports it while
+Megatron itself is being imported); the adapter does, lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from megatron_moetion import config as _config
+
+logger = logging.getLogger(__name__)
+
+
+class _State:
+    cfg: _config.MoEtionConfig | None = None
+    session: Any = None  # adapter.session.MoEtionSession while MoEtion is on
+    oracle: Any = None  # oracle.OracleRecorder while --moetion-oracle-dir is set
+    model: Any = None
+    optimizer: Any = None
+    last_checkpoint_load: int | None = None
+    last_checkpoint_save: int | None = None
+
+
+_state = _State()
+
+
+def add_arguments(parser):
+    """Add the ``--moetion*`` argument group to Megatron's parser."""
+    return _config.add_arguments(parser)
+
+
+def setup(model, optimizer, opt_param_scheduler, args) -> None:
+    """Read the flags and, if MoEtion is on, build the per-rank session."""
+    import torch.distributed as dist
+
+    cfg = _config.from_args(args)
+    _state.cfg, _state.model, _state.optimizer = cfg, model, optimizer
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if cfg.oracle_dir:
+        from megatron_moetion.oracle import OracleRecorder
+
+        _state.oracle = OracleRecorder(cfg.oracle_dir, rank)
+    if cfg.enabled:
+        from megatron_moetion.adapter.session import MoEtionSession
+
+        _state.session = MoEtionSession(
+            cfg, model, optimizer, opt_param_scheduler, args,
+            last_checkpoint_iteration=_state.last_checkpoint_load,
+        )
+
+
+def wrap_forward_backward_func(forward_backward_func):
+    """Return the schedule function the training loop should call (unchanged when off)."""
+    if _state.session is None:
+        return forward_backward_func
+    return _state.session.wrap_forward_backward_func(forward_backward_func)
+
+
+def on_train_step_start(iteration: int) -> None:
+    if _state.session is not None:
+        _state.session.on_train_step_start(iteration)
+
+
+def on_optimizer_step_end(iteration: int, update_successful, grad_norm) -> None:
+    if _state.session is not None:
+        _state.session.on_optimizer_step_end(iteration, bool(update_successful), grad_norm)
+
+
+def on_train_step_end(iteration: int, loss_dict, grad_norm, skipped_iter) -> None:
+    if _state.oracle is not None:
+        losses = {k: float(v.item() if hasattr(v, "item") else v)
+                  for k, v in (loss_dict or {}).items()}
+        norm = None if grad_norm is None else float(grad_norm)
+        _state.oracle.record_iteration(iteration, losses, norm, int(skipped_iter))
+    if _state.session is not None:
+        _state.session.on_train_step_end(iteration, loss_dict, grad_norm, skipped_iter)
+
+
+def on_checkpoint_save(iteration: int, non_persistent: bool = False) -> None:
+    if not non_persistent:
+        _state.last_checkpoint_save = iteration
+    if _state.session is not None:
+        _state.session.on_checkpoint_save(iteration, non_persistent)
+
+
+def on_checkpoint_load(iteration: int) -> None:
+    _state.last_checkpoint_load = iteration
+
+
+def shutdown() -> None:
+    """Finish background work, write the oracle dump; safe to call more than once."""
+    session, _state.session = _state.session, None
+    if session is not None:
+        session.shutdown()
+    oracle, _state.oracle = _state.oracle, None
+    if oracle is not None and _state.model is not None:
+        from megatron_moetion.adapter.optimizer_state import collect_rank_state
+
+        tensors = collect_rank_state(_state.model, _state.optimizer)
+        oracle.dump_state(tensors, meta={"last_checkpoint_save": _state.last_checkpoint_save})
+
+
+def session():
+    """The live ``MoEtionSession`` (or None); for the demo and tests."""
+    return _state.session

@@ -1,0 +1,1 @@
+"""Shipped test tooling: fault plans and multi-process launch helpers."""

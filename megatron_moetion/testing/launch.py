@@ -1,0 +1,90 @@
+"""Launch multi-process runs on free ports, with a timeout and no stray processes left behind.
+
+``free_port()`` asks the OS for an unused port. ``run_torchrun()`` starts torchrun in its own
+process group and kills the whole group if the run outlives its timeout, so a hung rank never
+outlives the test that started it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunResult:
+    """What a launched run left behind."""
+
+    returncode: int
+    seconds: float
+    log_path: Path
+    timed_out: bool = False
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_command(cmd: list[str], *, log_path: str | os.PathLike, timeout_s: float,
+                env: dict[str, str] | None = None, cwd: str | None = None) -> RunResult:
+    """Run ``cmd`` in a new process group, output to ``log_path``; kill the group on timeout."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            rc, timed_out = -9, True
+        except BaseException:
+            _kill_group(proc)
+            raise
+        finally:
+            # torchrun normally reaps its workers; make sure nothing in the group survives.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    return RunResult(rc, time.monotonic() - start, log_path, timed_out)
+
+
+def run_torchrun(script: str | os.PathLike, nproc: int, script_args: list[str], *,
+                 log_path: str | os.PathLike, timeout_s: float,
+                 env: dict[str, str] | None = None, max_restarts: int = 0,
+                 python: str = sys.executable) -> RunResult:
+    """Run ``script`` under torchrun with ``nproc`` local workers on a free port."""
+    cmd = [
+        python, "-m", "torch.distributed.run",
+        f"--nproc-per-node={nproc}", "--nnodes=1", f"--max-restarts={max_restarts}",
+        "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+        str(script), *script_args,
+    ]
+    full_env = dict(os.environ if env is None else env)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    return run_command(cmd, log_path=log_path, timeout_s=timeout_s, env=full_env)
