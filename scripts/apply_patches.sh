@@ -94,7 +94,7 @@ if ! gapply --check "${patches[@]}" 2>/dev/null; then
   for (( i=0; i<${#patches[@]}; i++ )); do
     if ! err=$(gapply --check "${patches[@]:0:i+1}" 2>&1); then
       echo "apply_patches.sh: patch '$(basename "${patches[i]}")' does not apply to $mdir:" >&2
-      echo "$err" | sed 's/^/  /' >&2
+      printf '  %s\n' "${err//$'\n'/$'\n'  }" >&2
       echo "  Nothing was changed." >&2
       exit 1
     fi

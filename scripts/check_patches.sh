@@ -40,7 +40,7 @@ touched=$(grep -h '^+++ b/' "$here"/patches/*.patch | sed 's|^+++ b/||' | sort -
 for f in $touched; do
   "$python" -m py_compile "$out/$f"
 done
-echo "byte-compiled: $(echo $touched)"
+echo "byte-compiled: ${touched//$'\n'/ }"
 
 # Import the patched modules and check the hook wiring (CPU-only machines need the CPU
 # support module to import megatron.training at all).

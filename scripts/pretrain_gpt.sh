@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Run a patched Megatron-LM pretrain_gpt.py under torchrun with MoEtion.
+#
+#   scripts/pretrain_gpt.sh [--dry-run] [--help] [-- EXTRA_MEGATRON_FLAGS...]
+#
+# The command line is assembled from flag blocks. Each block can be replaced whole through an
+# environment variable of the same name, and the defaults inside a block through the smaller
+# variables listed below:
+#
+#   MODEL_ARGS     NUM_LAYERS=16 HIDDEN_SIZE=2048 FFN_HIDDEN_SIZE=1408 NUM_HEADS=16
+#                  SEQ_LENGTH=4096 MICRO_BATCH_SIZE=1 GLOBAL_BATCH_SIZE=256 TRAIN_ITERS=10000
+#                  LR=3e-4 PRECISION=--bf16
+#   MOE_ARGS       NUM_EXPERTS=64 TOPK=6 DISPATCHER=alltoall GROUPED_GEMM=--moe-grouped-gemm
+#   PARALLEL_ARGS  TP=1 PP=4 EP=8 DIST_OPT=--use-distributed-optimizer
+#   DATA_ARGS      DATA_PATH (unset: --mock-data) TOKENIZER_MODEL TOKENIZER_TYPE
+#   CKPT_ARGS      CHECKPOINT_DIR (unset: no persistent checkpoints) SAVE_INTERVAL=1000
+#                  CKPT_FORMAT=torch_dist
+#   MOETION_ARGS   MOETION=1 (0: MoEtion off) MOETION_WINDOW=0 (automatic)
+#                  MOETION_REPLICATION_FACTOR=2 MOETION_METRICS_FILE MOETION_PERSIST_DIR
+#                  MOETION_FAULT_PLAN (also read by the workers themselves)
+#   LAUNCH         MEGATRON_DIR (the patched Megatron-LM checkout) GPUS_PER_NODE=8 NNODES=1
+#                  NODE_RANK=0 MASTER_ADDR=localhost MASTER_PORT=6000 TORCHRUN=torchrun
+#
+# --dry-run prints the command instead of running it. Flags after `--` are appended last, so
+# they override the blocks (argparse keeps the last value).
+set -euo pipefail
+
+dry_run=0
+extra=()
+while (( $# )); do
+  case $1 in
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --) shift; extra=("$@"); break ;;
+    *) echo "pretrain_gpt.sh: unknown option '$1' (allowed: --dry-run, --help, -- FLAGS...)" >&2; exit 2 ;;
+  esac
+done
+
+int_re='^[0-9]+$'
+for v in NUM_LAYERS HIDDEN_SIZE FFN_HIDDEN_SIZE NUM_HEADS SEQ_LENGTH MICRO_BATCH_SIZE \
+         GLOBAL_BATCH_SIZE TRAIN_ITERS NUM_EXPERTS TOPK TP PP EP GPUS_PER_NODE NNODES NODE_RANK \
+         MASTER_PORT SAVE_INTERVAL MOETION_WINDOW MOETION_REPLICATION_FACTOR; do
+  if [[ -n ${!v:-} && ! ${!v} =~ $int_re ]]; then
+    echo "pretrain_gpt.sh: $v must be a non-negative integer; got '${!v}'" >&2; exit 2
+  fi
+done
+
+MODEL_ARGS=${MODEL_ARGS:-"--num-layers ${NUM_LAYERS:-16} --hidden-size ${HIDDEN_SIZE:-2048} \
+--ffn-hidden-size ${FFN_HIDDEN_SIZE:-1408} --num-attention-heads ${NUM_HEADS:-16} \
+--seq-length ${SEQ_LENGTH:-4096} --max-position-embeddings ${SEQ_LENGTH:-4096} \
+--micro-batch-size ${MICRO_BATCH_SIZE:-1} --global-batch-size ${GLOBAL_BATCH_SIZE:-256} \
+--train-iters ${TRAIN_ITERS:-10000} --lr ${LR:-3e-4} --min-lr 3e-5 --lr-decay-style cosine \
+--lr-warmup-iters 100 --weight-decay 0.1 --clip-grad 1.0 ${PRECISION---bf16} \
+--position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear \
+--untie-embeddings-and-output-weights"}
+MOE_ARGS=${MOE_ARGS:-"--num-experts ${NUM_EXPERTS:-64} --moe-router-topk ${TOPK:-6} \
+--moe-token-dispatcher-type ${DISPATCHER:-alltoall} --moe-router-load-balancing-type aux_loss \
+--moe-aux-loss-coeff 1e-2 ${GROUPED_GEMM---moe-grouped-gemm}"}
+PARALLEL_ARGS=${PARALLEL_ARGS:-"--tensor-model-parallel-size ${TP:-1} \
+--pipeline-model-parallel-size ${PP:-4} --expert-model-parallel-size ${EP:-8} \
+${DIST_OPT---use-distributed-optimizer}"}
+if [[ -z ${DATA_ARGS:-} ]]; then
+  if [[ -n ${DATA_PATH:-} ]]; then
+    DATA_ARGS="--data-path ${DATA_PATH} --tokenizer-type ${TOKENIZER_TYPE:-HuggingFaceTokenizer} \
+--tokenizer-model ${TOKENIZER_MODEL:?set TOKENIZER_MODEL with DATA_PATH} --split 99,1,0"
+  else
+    DATA_ARGS="--mock-data --tokenizer-type NullTokenizer --vocab-size 32000"
+  fi
+fi
+if [[ -z ${CKPT_ARGS:-} ]]; then
+  CKPT_ARGS=""
+  if [[ -n ${CHECKPOINT_DIR:-} ]]; then
+    CKPT_ARGS="--save ${CHECKPOINT_DIR} --load ${CHECKPOINT_DIR} \
+--save-interval ${SAVE_INTERVAL:-1000} --ckpt-format ${CKPT_FORMAT:-torch_dist}"
+  fi
+fi
+if [[ -z ${MOETION_ARGS:-} ]]; then
+  MOETION_ARGS=""
+  if [[ ${MOETION:-1} != 0 ]]; then
+    MOETION_ARGS="--moetion --moetion-window ${MOETION_WINDOW:-0} \
+--moetion-replication-factor ${MOETION_REPLICATION_FACTOR:-2}"
+    [[ -n ${MOETION_METRICS_FILE:-} ]] && MOETION_ARGS+=" --moetion-metrics-file ${MOETION_METRICS_FILE}"
+    [[ -n ${MOETION_PERSIST_DIR:-} ]] && MOETION_ARGS+=" --moetion-persist-dir ${MOETION_PERSIST_DIR}"
+  fi
+fi
+LOG_ARGS=${LOG_ARGS:-"--log-interval 10 --eval-interval 1000 --eval-iters 10"}
+
+MEGATRON_DIR=${MEGATRON_DIR:-}
+entry=${MEGATRON_DIR:+$MEGATRON_DIR/}pretrain_gpt.py
+launch=("${TORCHRUN:-torchrun}" --nproc-per-node "${GPUS_PER_NODE:-8}" --nnodes "${NNODES:-1}"
+        --node-rank "${NODE_RANK:-0}" --master-addr "${MASTER_ADDR:-localhost}"
+        --master-port "${MASTER_PORT:-6000}")
+# shellcheck disable=SC2206  # the blocks are whitespace-separated flag lists on purpose
+cmd=("${launch[@]}" "$entry" $MODEL_ARGS $MOE_ARGS $PARALLEL_ARGS $DATA_ARGS $CKPT_ARGS
+     $MOETION_ARGS $LOG_ARGS "${extra[@]}")
+
+if (( dry_run )); then
+  printf '%q ' "${cmd[@]}"; echo
+  exit 0
+fi
+if [[ -z $MEGATRON_DIR || ! -f $MEGATRON_DIR/pretrain_gpt.py ]]; then
+  echo "pretrain_gpt.sh: set MEGATRON_DIR to a Megatron-LM checkout with the MoEtion patches applied (scripts/apply_patches.sh MEGATRON_DIR); got '${MEGATRON_DIR}'" >&2
+  exit 2
+fi
+if ! grep -q megatron_hooks "$MEGATRON_DIR/megatron/training/training.py"; then
+  echo "pretrain_gpt.sh: $MEGATRON_DIR is not patched; run scripts/apply_patches.sh $MEGATRON_DIR first" >&2
+  exit 2
+fi
+cd "$MEGATRON_DIR"
+export PYTHONPATH="$MEGATRON_DIR${PYTHONPATH:+:$PYTHONPATH}"
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+exec "${cmd[@]}"

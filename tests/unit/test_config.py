@@ -1,0 +1,76 @@
+"""MoEtionConfig: flags, defaults, validation messages."""
+
+import argparse
+
+import pytest
+
+from megatron_moetion import config
+from megatron_moetion.errors import ConfigError, FaultPlanError
+
+EXPECTED_FLAGS = {
+    "--moetion", "--moetion-window", "--moetion-replication-factor",
+    "--moetion-copy-bandwidth-gbps", "--moetion-iter-time-s", "--moetion-upstream-logging",
+    "--moetion-fault-plan", "--moetion-metrics-file", "--moetion-persist-dir",
+    "--moetion-oracle-dir", "--moetion-reorder-threshold", "--moetion-reorder-fraction",
+    "--moetion-popularity-window-iters", "--moetion-replication-chunk-mb", "--moetion-timeout-s",
+}
+
+
+def parse(*argv):
+    return config.from_args(config.add_arguments(argparse.ArgumentParser()).parse_args(argv))
+
+
+def test_flag_set_is_frozen():
+    parser = config.add_arguments(argparse.ArgumentParser())
+    flags = {opt for action in parser._actions for opt in action.option_strings
+             if opt.startswith("--moetion")}
+    flags = {f for f in flags if not f.startswith("--no-")}
+    assert flags == EXPECTED_FLAGS, "a --moetion flag was added or removed: update EXPECTED_FLAGS"
+
+
+def test_defaults_keep_moetion_off():
+    cfg = parse()
+    assert cfg.enabled is False and cfg.window == 0 and cfg.replication_factor == 2
+    assert cfg.upstream_logging is True
+
+
+def test_flags_round_trip():
+    cfg = parse("--moetion", "--moetion-window", "3", "--moetion-replication-factor", "1",
+                "--no-moetion-upstream-logging")
+    assert (cfg.enabled, cfg.window, cfg.replication_factor, cfg.upstream_logging) == (
+        True, 3, 1, False)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--moetion", "--moetion-window", "-1"], "--moetion-window"),
+    (["--moetion", "--moetion-replication-factor", "-2"], "--moetion-replication-factor"),
+    (["--moetion", "--moetion-reorder-fraction", "1.5"], "--moetion-reorder-fraction"),
+    (["--moetion", "--moetion-timeout-s", "0"], "--moetion-timeout-s"),
+    (["--moetion", "--moetion-replication-chunk-mb", "0"], "--moetion-replication-chunk-mb"),
+])
+def test_bad_values_name_the_flag_and_the_allowed_range(argv, flag):
+    with pytest.raises(ConfigError, match=rf"^{flag} must be .*; got"):
+        parse(*argv)
+
+
+def test_bad_value_type_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit):
+        parse("--moetion", "--moetion-window", "three")
+    assert "--moetion-window" in capsys.readouterr().err
+
+
+def test_fault_plan_needs_moetion():
+    with pytest.raises(ConfigError, match="--moetion-fault-plan needs --moetion"):
+        parse("--moetion-fault-plan", "rank=0,iter=3")
+
+
+def test_fault_plan_from_environment(monkeypatch):
+    monkeypatch.setenv(config.ENV_FAULT_PLAN, "rank=1,iter=4,phase=fwd")
+    assert parse("--moetion").fault_plan == "rank=1,iter=4,phase=fwd"
+    # the flag wins over the environment
+    assert parse("--moetion", "--moetion-fault-plan", "rank=0,iter=2").fault_plan == "rank=0,iter=2"
+
+
+def test_malformed_fault_plan_is_rejected_before_training():
+    with pytest.raises(FaultPlanError, match="phase must be one of"):
+        parse("--moetion", "--moetion-fault-plan", "rank=1,iter=4,phase=sideways")

@@ -1,0 +1,48 @@
+"""FaultPlan parsing: the grammar, and errors that name the entry and what is allowed."""
+
+import pytest
+
+from megatron_moetion.errors import FaultPlanError
+from megatron_moetion.testing.faults import Fault, FaultPlan
+
+
+def test_parse_several_faults():
+    plan = FaultPlan.parse("rank=3,iter=12,phase=bwd,kind=lose_state; rank=0,iter=20,phase=step")
+    assert plan.faults == (Fault(3, 12, "bwd", "lose_state"), Fault(0, 20, "step", "lose_state"))
+    assert str(plan) == "rank=3,iter=12,phase=bwd,kind=lose_state;rank=0,iter=20,phase=step,kind=lose_state"
+    assert FaultPlan.parse(str(plan)) == plan
+
+
+def test_empty_plan_is_falsy():
+    assert not FaultPlan.parse("")
+    assert not FaultPlan.parse(" ; ")
+
+
+def test_fluent_builder():
+    plan = FaultPlan().fail_at(1, 5, "fwd").fail_at(2, 7, "recovery")
+    assert [f.rank for f in plan.faults] == [1, 2]
+    assert plan.for_rank(2) == [Fault(2, 7, "recovery", "lose_state")]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rank=1", "'iter' is required"),
+    ("iter=3", "'rank' is required"),
+    ("rank=a,iter=3", "rank and iter must be integers"),
+    ("rank=1,iter=0", r"iter must be >= 1"),
+    ("rank=-1,iter=3", "rank must be >= 0"),
+    ("rank=1,iter=3,phase=later", "phase must be one of fwd, bwd, step, snapshot, replication, recovery"),
+    ("rank=1,iter=3,kind=explode", "kind must be one of"),
+    ("rank=1,iter=3,color=red", "unknown key"),
+    ("rank=1,iter=3,rank=2", "'rank' given twice"),
+    ("rank=1,iter", "expected comma-separated key=value"),
+    ("rank=1,iter=3,phase=fwd,kind=corrupt_replica", "corrupt_replica needs phase=replication"),
+])
+def test_malformed_plans(text, message):
+    with pytest.raises(FaultPlanError, match=message):
+        FaultPlan.parse(text)
+
+
+def test_rank_outside_the_world():
+    plan = FaultPlan.parse("rank=4,iter=3")
+    with pytest.raises(FaultPlanError, match=r"rank must be in \[0, 3\]"):
+        plan.validate_world(4)
