@@ -42,27 +42,31 @@ class MoEtionConfig:
         metadata=_help(
             "Sparse window W (iterations to capture every operator once). 0 picks the smallest W "
             "whose per-iteration snapshot fits the measured forward+backward time (Algorithm 1); "
-            "1 is dense (every operator's full state every iteration, Gemini-style)."
+            "1 is dense (every operator's full state every iteration, Gemini-style).",
+            allowed=(lambda v: v >= 0, "an integer >= 0 (0 = automatic)"),
         ),
     )
     replication_factor: int = field(
         default=2,
         metadata=_help(
             "Buddy ranks (on other nodes where there are several) that hold a copy of each "
-            "window. 0 keeps snapshots local only. Capped by the world size, with a warning."
+            "window. 0 keeps snapshots local only. Capped by the world size, with a warning.",
+            allowed=(lambda v: v >= 0, "an integer >= 0"),
         ),
     )
     copy_bandwidth_gbps: float = field(
         default=0.0,
         metadata=_help(
-            "Device-to-host copy bandwidth in GB/s used to size W. 0 measures it at start-up."
+            "Device-to-host copy bandwidth in GB/s used to size W. 0 measures it at start-up.",
+            allowed=(lambda v: v >= 0, ">= 0 (0 = measure)"),
         ),
     )
     iter_time_s: float = field(
         default=0.0,
         metadata=_help(
             "Forward+backward time per iteration in seconds used to size W. 0 measures it "
-            "(median of recent iterations)."
+            "(median of recent iterations).",
+            allowed=(lambda v: v >= 0, ">= 0 (0 = measure)"),
         ),
     )
     upstream_logging: bool = field(
@@ -104,51 +108,46 @@ class MoEtionConfig:
     reorder_threshold: float = field(
         default=0.10,
         metadata=_help(
-            "Relative change in an expert's token share that counts as a popularity change."
+            "Relative change in an expert's token share that counts as a popularity change.",
+            allowed=(lambda v: 0 < v < 10, "in (0, 10)"),
         ),
     )
     reorder_fraction: float = field(
         default=0.25,
         metadata=_help(
             "Reorder operators (at a window boundary) when at least this fraction of experts "
-            "changed popularity by more than --moetion-reorder-threshold."
+            "changed popularity by more than --moetion-reorder-threshold.",
+            allowed=(lambda v: 0 < v <= 1, "in (0, 1]"),
         ),
     )
     popularity_window_iters: int = field(
         default=100,
-        metadata=_help("Rolling window of router token counts used for popularity ordering."),
+        metadata=_help("Rolling window of router token counts used for popularity ordering.",
+                       allowed=(lambda v: v >= 2, "an integer >= 2")),
     )
     replication_chunk_mb: int = field(
         default=16,
         metadata=_help(
             "Replication sends windows in chunks of this many MiB, so it never holds up a "
-            "training collective for long."
+            "training collective for long.",
+            allowed=(lambda v: v >= 1, "an integer >= 1"),
         ),
     )
     timeout_s: float = field(
         default=300.0,
         metadata=_help(
             "Timeout in seconds for MoEtion's own collectives (agreement, replication, "
-            "recovery transfers)."
+            "recovery transfers).",
+            allowed=(lambda v: v > 0, "> 0"),
         ),
     )
 
     def __post_init__(self) -> None:
-        _check(self.window >= 0, "window", self.window, "an integer >= 0 (0 = automatic)")
-        _check(self.replication_factor >= 0, "replication-factor", self.replication_factor,
-               "an integer >= 0")
-        _check(self.copy_bandwidth_gbps >= 0, "copy-bandwidth-gbps", self.copy_bandwidth_gbps,
-               ">= 0 (0 = measure)")
-        _check(self.iter_time_s >= 0, "iter-time-s", self.iter_time_s, ">= 0 (0 = measure)")
-        _check(0 < self.reorder_threshold < 10, "reorder-threshold", self.reorder_threshold,
-               "in (0, 10)")
-        _check(0 < self.reorder_fraction <= 1, "reorder-fraction", self.reorder_fraction,
-               "in (0, 1]")
-        _check(self.popularity_window_iters >= 2, "popularity-window-iters",
-               self.popularity_window_iters, "an integer >= 2")
-        _check(self.replication_chunk_mb >= 1, "replication-chunk-mb",
-               self.replication_chunk_mb, "an integer >= 1")
-        _check(self.timeout_s > 0, "timeout-s", self.timeout_s, "> 0")
+        for f in dataclasses.fields(self):
+            allowed = f.metadata.get("allowed")
+            if allowed is not None and not allowed[0](getattr(self, f.name)):
+                raise ConfigError(f"{flag_name(f)} must be {allowed[1]}; got "
+                                  f"{getattr(self, f.name)!r}")
         if not self.enabled:
             # Fault plans and sparse-checkpoint settings need MoEtion itself; silently
             # ignoring them would let a user believe they are protected.
@@ -171,9 +170,28 @@ class MoEtionConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check(ok: bool, flag: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"--{FLAG_PREFIX}-{flag} must be {allowed}; got {value!r}")
+def _argparse_type(kind, f: dataclasses.Field):
+    """Parse and check one flag's value, so argparse rejects it before training starts."""
+    allowed = f.metadata.get("allowed")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if allowed is not None and not allowed[0](value):
+            raise argparse.ArgumentTypeError(f"must be {allowed[1]}; got {value!r}")
+        if f.name == "fault_plan" and value:
+            from megatron_moetion.testing.faults import FaultPlan
+
+            try:
+                FaultPlan.parse(value)
+            except ConfigError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def flag_name(f: dataclasses.Field) -> str:
@@ -194,7 +212,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                default=f.default, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            group.add_argument(flag, dest=dest, type=kind, default=f.default, help=help_text)
+            group.add_argument(flag, dest=dest, type=_argparse_type(kind, f), default=f.default,
+                               help=help_text)
     return parser
 
 

@@ -61,8 +61,8 @@ def main_states(optimizer) -> Iterator[MainState]:
     """Yield one ``MainState`` per (model parameter, sub-optimizer) this rank owns part of."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.optimizer import (
-        FP32Optimizer,
         Float16OptimizerWithFloat16Params,
+        FP32Optimizer,
     )
 
     for index, sub in enumerate(sub_optimizers(optimizer)):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from megatron_moetion.demo.runner import REPO_ROOT, RunConfig, run_pretrain
 from megatron_moetion.oracle import load_dump, losses_by_iteration
+from megatron_moetion.reporting import snapshot_summary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +48,7 @@ def summarize(cfg: RunConfig, run_dir: Path, seconds: float) -> dict:
         "losses": [losses[i] for i in sorted(losses)],
         "wall_s": round(seconds, 1),
         "run_dir": str(run_dir),
+        "snapshot": snapshot_summary(run_dir / "metrics", cfg.replication_factor),
     }
 
 
@@ -68,6 +70,11 @@ def main(argv=None) -> int:
     path = args.out / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"[demo] losses: {', '.join(f'{x:.4f}' for x in summary['losses'])}")
+    snap = summary["snapshot"]
+    print(f"[demo] sparse snapshots: W={snap['window']}, {snap['bytes_per_iter_mean']} bytes per "
+          f"iteration per rank vs {snap['dense_bytes_per_iter']} dense "
+          f"({snap['ratio_to_dense']}x), median stall {snap['stall_ms_median']} ms, "
+          f"{snap['replication_factor']} buddies")
     print(f"[demo] summary: {path}")
     return 0
 

@@ -151,8 +151,9 @@ def _():
 
 @check("inprocess_ckpt_queue")
 def _():
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
     import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
     assert isinstance(fa._results_queue, queue.Queue)
 
 

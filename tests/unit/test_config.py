@@ -1,6 +1,7 @@
 """MoEtionConfig: flags, defaults, validation messages."""
 
 import argparse
+import re
 
 import pytest
 
@@ -41,16 +42,32 @@ def test_flags_round_trip():
         True, 3, 1, False)
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--moetion", "--moetion-window", "-1"], "--moetion-window"),
-    (["--moetion", "--moetion-replication-factor", "-2"], "--moetion-replication-factor"),
-    (["--moetion", "--moetion-reorder-fraction", "1.5"], "--moetion-reorder-fraction"),
-    (["--moetion", "--moetion-timeout-s", "0"], "--moetion-timeout-s"),
-    (["--moetion", "--moetion-replication-chunk-mb", "0"], "--moetion-replication-chunk-mb"),
-])
-def test_bad_values_name_the_flag_and_the_allowed_range(argv, flag):
-    with pytest.raises(ConfigError, match=rf"^{flag} must be .*; got"):
+BAD = [
+    (["--moetion", "--moetion-window", "-1"], "--moetion-window",
+     r"an integer >= 0 \(0 = automatic\)"),
+    (["--moetion", "--moetion-replication-factor", "-2"], "--moetion-replication-factor",
+     "an integer >= 0"),
+    (["--moetion", "--moetion-reorder-fraction", "1.5"], "--moetion-reorder-fraction",
+     r"in \(0, 1\]"),
+    (["--moetion", "--moetion-timeout-s", "0"], "--moetion-timeout-s", "> 0"),
+    (["--moetion", "--moetion-replication-chunk-mb", "0"], "--moetion-replication-chunk-mb",
+     "an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv, flag, allowed", BAD)
+def test_bad_values_are_refused_at_parse_time_naming_flag_and_range(argv, flag, allowed, capsys):
+    with pytest.raises(SystemExit):
         parse(*argv)
+    assert re.search(rf"argument {flag}: must be {allowed}; got", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, flag, allowed", BAD)
+def test_bad_values_in_code_raise_config_error(argv, flag, allowed):
+    name = flag.removeprefix("--moetion-").replace("-", "_")
+    value = type(getattr(config.MoEtionConfig(), name))(argv[-1])
+    with pytest.raises(ConfigError, match=rf"^{flag} must be {allowed}; got"):
+        config.MoEtionConfig(enabled=True, **{name: value})
 
 
 def test_bad_value_type_is_an_argparse_error(capsys):
@@ -71,6 +88,10 @@ def test_fault_plan_from_environment(monkeypatch):
     assert parse("--moetion", "--moetion-fault-plan", "rank=0,iter=2").fault_plan == "rank=0,iter=2"
 
 
-def test_malformed_fault_plan_is_rejected_before_training():
-    with pytest.raises(FaultPlanError, match="phase must be one of"):
+def test_malformed_fault_plan_is_rejected_before_training(capsys, monkeypatch):
+    with pytest.raises(SystemExit):
         parse("--moetion", "--moetion-fault-plan", "rank=1,iter=4,phase=sideways")
+    assert "phase must be one of" in capsys.readouterr().err
+    monkeypatch.setenv(config.ENV_FAULT_PLAN, "rank=1,iter=4,phase=sideways")
+    with pytest.raises(FaultPlanError, match="phase must be one of"):
+        parse("--moetion")

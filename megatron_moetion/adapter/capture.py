@@ -1,0 +1,125 @@
+"""What to copy for each operator, ACTIVE or FROZEN, and where a snapshot restores to.
+
+ACTIVE: for every part of an operator's parameters that this rank's optimizer owns, the main
+(FP32) weights and every optimizer state tensor (Adam ``exp_avg``, ``exp_avg_sq``, ``step``).
+FROZEN: the compute weights of that same part, bit-exact in their dtype (with the distributed
+optimizer each data-parallel rank captures only its own shard, so frozen bytes are not
+replicated across data-parallel ranks). Both modes also capture the operator's buffers (router
+``expert_bias`` and token counters).
+
+A FROZEN capture restores into the *main* parameter (bf16/fp16 -> fp32 is exact), so that
+Megatron's own main-to-model copy and parameter all-gather rebuild exactly the captured compute
+weights on every rank (``sync_model_params``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_moetion.adapter.discovery import OperatorBinding
+from megatron_moetion.adapter.optimizer_state import MainState, main_states, sub_optimizers
+from megatron_moetion.operators import OperatorSpec
+from megatron_moetion.snapshot import CaptureItem
+
+
+@dataclass
+class OpCapture:
+    """One operator's capture items and, per item, the live tensor a restore writes into."""
+
+    binding: OperatorBinding
+    active: list[tuple[CaptureItem, torch.Tensor]] = field(default_factory=list)
+    frozen: list[tuple[CaptureItem, torch.Tensor]] = field(default_factory=list)
+    main_params: list[torch.Tensor] = field(default_factory=list)  # for grad nulling
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.binding.name
+
+    def spec(self) -> OperatorSpec:
+        b = self.binding
+        return OperatorSpec(
+            b.name, b.kind, b.layer, b.expert_id, b.num_params,
+            active_bytes=sum(i.source.numel() * i.source.element_size() for i, _ in self.active),
+            frozen_bytes=sum(i.source.numel() * i.source.element_size() for i, _ in self.frozen))
+
+
+def _state_views(ms: MainState, a: int, b: int):
+    """(field name, 1-D view) for the optimizer state of main elements [a, b)."""
+    lo, hi = a - ms.start, b - ms.start
+    for key, value in sorted(ms.state().items()):
+        if not torch.is_tensor(value):
+            continue
+        if value.numel() == ms.numel and value.numel() > 1:
+            yield key, value.view(-1)[lo:hi]
+        elif value.numel() == 1:
+            yield key, value.reshape(1)  # Adam's step: one per main parameter
+
+
+def build_captures(bindings: list[OperatorBinding], optimizer) -> list[OpCapture]:
+    """Capture items for every operator; the optimizer state must already exist (after the
+    first optimizer step)."""
+    by_param: dict[int, list[MainState]] = {}
+    for ms in main_states(optimizer):
+        by_param.setdefault(id(ms.model_param), []).append(ms)
+    captures = []
+    for binding in bindings:
+        cap = OpCapture(binding)
+        for piece in binding.pieces:
+            cap.params.append(piece.param)
+            for ms in by_param.get(id(piece.param), []):
+                a, b = max(piece.start, ms.start), min(piece.end, ms.end)
+                if a >= b:
+                    continue
+                base = f"{piece.name}[{a}:{b}]"
+                main_view = ms.flat_main()[a - ms.start:b - ms.start]
+                cap.active.append((CaptureItem(f"{base}/main", binding.name, "active", main_view),
+                                   main_view))
+                for key, view in _state_views(ms, a, b):
+                    cap.active.append((CaptureItem(f"{base}/{key}", binding.name, "active", view),
+                                       view))
+                weight = piece.param.detach().view(-1)[a:b]
+                cap.frozen.append((CaptureItem(f"{base}/weight", binding.name, "frozen", weight),
+                                   main_view))
+                cap.main_params.append(ms.main_param)
+        for name, buf in binding.buffers:
+            flat = buf.view(-1)
+            for mode, items in (("active", cap.active), ("frozen", cap.frozen)):
+                items.append((CaptureItem(f"buffer/{name}", binding.name, mode, flat), flat))
+        captures.append(cap)
+    return captures
+
+
+def set_requires_grad(captures: list[OpCapture], names: set[str], value: bool) -> None:
+    """Freeze (``False``) or thaw the parameters of the named operators.
+
+    Megatron's linear layers then take ``LinearWithFrozenWeight`` (forward and input gradient,
+    no weight gradient), and autograd skips the weight gradients of the others.
+    """
+    for cap in captures:
+        if cap.name in names:
+            for p in cap.params:
+                p.requires_grad_(value)
+
+
+@torch.no_grad()
+def sync_model_params(optimizer, model_chunks) -> None:
+    """Rebuild every compute weight from the main parameters, as an optimizer step does:
+    main -> model copy, then (distributed optimizer) the parameter all-gather."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    gather = False
+    for sub in sub_optimizers(optimizer):
+        if getattr(sub, "is_stub_optimizer", False):
+            continue
+        if isinstance(sub, DistributedOptimizer):
+            sub._copy_main_params_to_model_params()
+            gather = True
+        elif isinstance(sub, Float16OptimizerWithFloat16Params):
+            sub._copy_main_params_to_model_params()
+    if gather:
+        for chunk in model_chunks:
+            chunk.start_param_sync(force_sync=True)

@@ -1,0 +1,75 @@
+"""Deterministic fault injection into a live Megatron rank (``--moetion-fault-plan``).
+
+``FaultInjector.due(phase, iteration)`` returns the planned faults of this rank that fire now
+(each fires once). ``wipe_rank_state`` carries out ``lose_state``: it overwrites the model's
+parameters and buffers, the optimizer's main weights and state, the LR scheduler's counters and
+the RNG streams with garbage (NaN, where a dtype allows it), so anything recovery fails to
+restore shows up in the bitwise comparison. The caller also drops the rank's snapshots, the
+replicas it holds and its logs. The process and its process groups stay up.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from megatron_moetion.adapter.optimizer_state import main_states
+from megatron_moetion.testing.faults import Fault, FaultPlan
+
+logger = logging.getLogger(__name__)
+
+
+class FaultInjector:
+    """This rank's part of a fault plan."""
+
+    def __init__(self, plan: FaultPlan, rank: int, world_size: int):
+        plan.validate_world(world_size)
+        self.pending = plan.for_rank(rank)
+        self.fired: list[tuple[Fault, int]] = []
+
+    def due(self, phase: str, iteration: int, *, at_or_after: bool = False) -> list[Fault]:
+        """Faults of ``phase`` planned for ``iteration`` (or earlier, with ``at_or_after``)."""
+        hits = [f for f in self.pending if f.phase == phase and (
+            f.iteration == iteration or (at_or_after and f.iteration <= iteration))]
+        for f in hits:
+            self.pending.remove(f)
+            self.fired.append((f, iteration))
+            logger.warning("[moetion] injecting fault %s (at iteration %d)", f, iteration)
+        return hits
+
+
+def _garbage(t: torch.Tensor) -> None:
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    else:
+        t.fill_(-7)
+
+
+@torch.no_grad()
+def wipe_rank_state(model_chunks, optimizer, scheduler, bindings) -> None:
+    """Destroy this rank's training state in place (see module docstring). Buffers that are
+    state (every operator's captured buffers: router bias and token counters, persistent
+    buffers) are wiped; constant non-persistent buffers (RoPE frequencies) are what a restarted
+    process would rebuild from code, so they are left alone."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    for chunk in model_chunks:
+        for p in chunk.parameters():
+            _garbage(p.data)
+    for binding in bindings:
+        for _, b in binding.buffers:
+            _garbage(b)
+    for ms in main_states(optimizer):
+        if not ms.shard_is_view:
+            _garbage(ms.main_param.data)
+        for value in ms.state().values():
+            if torch.is_tensor(value):
+                _garbage(value)
+    if scheduler is not None:
+        scheduler.num_steps = -12345
+        for group in optimizer.param_groups:
+            group["lr"] = float("nan")
+    torch.manual_seed(0xDEAD)
+    tracker = get_cuda_rng_tracker()
+    tracker.set_states({k: torch.zeros_like(v) for k, v in tracker.get_states().items()})

@@ -1,0 +1,51 @@
+"""Which Megatron configurations MoEtion can snapshot and replay exactly; clear errors otherwise.
+
+Checked once at set-up against Megatron's ``args``: each refusal names the flag and says why.
+"""
+
+from __future__ import annotations
+
+from megatron_moetion.config import MoEtionConfig
+from megatron_moetion.errors import UnsupportedConfigurationError
+
+
+def check_supported(args, cfg: MoEtionConfig) -> None:
+    """Raise ``UnsupportedConfigurationError`` for configurations MoEtion cannot handle."""
+    problems = []
+
+    def refuse(flag: str, why: str) -> None:
+        problems.append(f"{flag}: {why}")
+
+    if getattr(args, "virtual_pipeline_model_parallel_size", None):
+        refuse("--num-layers-per-virtual-pipeline-stage / interleaved pipelines",
+               "upstream logs and replay are keyed by non-interleaved 1F1B micro-batches")
+    if getattr(args, "pipeline_model_parallel_size", 1) > 1 and not getattr(
+            args, "untie_embeddings_and_output_weights", False):
+        refuse("tied embeddings (add --untie-embeddings-and-output-weights)",
+               "with PP > 1 tied embeddings all-reduce gradients between the first and last "
+               "stage, which a stage-local replay cannot reproduce")
+    if getattr(args, "calculate_per_token_loss", False) and getattr(
+            args, "pipeline_model_parallel_size", 1) > 1:
+        refuse("--calculate-per-token-loss", "broadcasts token counts across pipeline stages "
+               "inside the gradient finalisation, which a stage-local replay cannot reproduce")
+    if getattr(args, "cuda_graph_impl", "none") not in (None, "none"):
+        refuse("--cuda-graph-impl", "captured graphs bypass MoEtion's hooks")
+    if getattr(args, "optimizer_cuda_graph", False):
+        refuse("--optimizer-cuda-graph", "captured graphs bypass MoEtion's hooks")
+    if getattr(args, "use_precision_aware_optimizer", False):
+        refuse("--use-precision-aware-optimizer", "main weights live inside FusedAdam, where "
+               "MoEtion cannot snapshot them per operator")
+    if getattr(args, "fp8", None) or getattr(args, "fp4", None):
+        refuse("--fp8-format / --fp4-format", "quantized weight caches and scaling state are "
+               "not captured yet")
+    if getattr(args, "use_megatron_fsdp", False) or getattr(args, "use_torch_fsdp2", False):
+        refuse("--use-megatron-fsdp / --use-torch-fsdp2", "only DDP with the distributed or "
+               "the plain optimizer is supported")
+    if getattr(args, "moe_expert_rank_capacity_factor", None) is not None:
+        refuse("--moe-expert-rank-capacity-factor", "its paged-stash runner re-runs "
+               "forward-backward outside MoEtion's view")
+    if getattr(args, "optimizer", "adam") not in ("adam", "sgd"):
+        refuse(f"--optimizer {args.optimizer}", "only Adam and SGD state are captured")
+    if problems:
+        raise UnsupportedConfigurationError(
+            "--moetion cannot protect this configuration:\n  " + "\n  ".join(problems))

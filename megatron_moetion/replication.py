@@ -1,0 +1,214 @@
+"""Buddy replication: ship each sealed window to ``r`` buddy ranks in the background.
+
+Every rank runs the same replication *rounds* in the same order (the decision to start a round
+is taken from values all ranks agreed on), so in round ``j`` of a window each rank sends its
+window to ``buddies[j]`` while receiving ``owners[j]``'s. A receiver keeps a copy only if both
+checksums match and acknowledges it; a window is *acked* on its owner once every buddy
+acknowledged it. A failed or slow round never raises into training: it is logged and counted,
+and the window simply stays un-acked.
+
+Call order (all ranks)::
+
+    start_round(window)        # main thread, at a window boundary
+    ... status() ...           # any time: latest finished round, latest acked window
+    quiesce()                  # before recovery uses the same group from the main thread
+    replica(owner, window_id)  # a verified copy held here
+    close()
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from megatron_moetion.snapshot import HostBufferPool, SnapshotEngine, Window, unpack_meta
+from megatron_moetion.transport import Parcel, ProcessGroupTransport
+
+logger = logging.getLogger(__name__)
+
+ROUND_TAG = 100  # tags 100.. are replication rounds; recovery uses its own range
+
+
+@dataclass
+class RoundStats:
+    window_id: int
+    ok: bool
+    seconds: float
+    bytes_sent: int
+    reason: str = ""
+
+
+@dataclass
+class ReplicaStore:
+    """Verified copies of other ranks' windows held on this rank."""
+
+    copies: dict[int, dict[int, Window]] = field(default_factory=dict)  # owner -> id -> window
+
+    def put(self, owner: int, window: Window) -> None:
+        self.copies.setdefault(owner, {})[window.window_id] = window
+
+    def get(self, owner: int, window_id: int) -> Window | None:
+        return self.copies.get(owner, {}).get(window_id)
+
+    def held(self) -> dict[int, list[int]]:
+        return {o: sorted(w) for o, w in self.copies.items() if w}
+
+    def drop(self, keep: set[int], pool: HostBufferPool) -> None:
+        for windows in self.copies.values():
+            for wid in [w for w in windows if w not in keep]:
+                pool.put(windows.pop(wid).buffer)
+
+    def clear(self, pool: HostBufferPool) -> None:
+        self.drop(set(), pool)
+
+    def nbytes(self) -> int:
+        return sum(w.buffer.numel() for ws in self.copies.values() for w in ws.values())
+
+
+class Replicator:
+    """Background buddy replication (see module docstring).
+
+    Args:
+        transport: point-to-point transport on MoEtion's replication group.
+        buddies: ranks this rank sends to, ``buddies[j]`` in round step ``j``.
+        owners: ranks this rank receives from, ``owners[j]`` in step ``j``.
+        pool: where received copies get their buffers.
+    """
+
+    def __init__(self, transport: ProcessGroupTransport, buddies: list[int], owners: list[int],
+                 pool: HostBufferPool):
+        self.transport = transport
+        self.buddies = list(buddies)
+        self.owners = list(owners)
+        self.pool = pool
+        self.store = ReplicaStore()
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._generation = 0  # bumped by wipe(): results of a round in flight are dropped
+        self.finished_round = -1  # window id of the latest finished round (ok or not)
+        self.acked_window = -1  # latest own window every buddy acknowledged
+        self.history: list[RoundStats] = []
+        self.failures = 0
+        self.corrupt_detected = 0
+        self._thread = threading.Thread(target=self._run, name="moetion-replication", daemon=True)
+        self._thread.start()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.buddies)
+
+    def start_round(self, window: Window, corrupt: bool = False) -> None:
+        """Queue ``window`` (sealed) for replication; returns at once. Without buddies the
+        round is finished (and the window acked) at once: snapshots stay local only."""
+        if not self.buddies:
+            with self._lock:
+                self.finished_round = self.acked_window = window.window_id
+            return
+        self._idle.clear()
+        self._queue.put((window, corrupt))
+
+    def quiesce(self, timeout_s: float) -> bool:
+        """Wait until no round is queued or running; False on timeout."""
+        return self._idle.wait(timeout_s)
+
+    def status(self) -> tuple[int, int]:
+        with self._lock:
+            return self.finished_round, self.acked_window
+
+    def replica(self, owner: int, window_id: int) -> Window | None:
+        with self._lock:
+            return self.store.get(owner, window_id)
+
+    def held(self) -> dict[int, list[int]]:
+        with self._lock:
+            return self.store.held()
+
+    def keep_only(self, window_ids: set[int]) -> None:
+        with self._lock:
+            self.store.drop(window_ids, self.pool)
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return self.store.nbytes()
+
+    def wipe(self) -> None:
+        """Forget every replica held here (fault injection: lose_state)."""
+        with self._lock:
+            self._generation += 1
+            self.store.clear(self.pool)
+            self.acked_window = -1
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self.quiesce(timeout_s)
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._idle.set()
+                return
+            window, corrupt = item
+            start = time.perf_counter()
+            with self._lock:
+                generation = self._generation
+            try:
+                ok, reason = self._round(window, corrupt, generation)
+            except Exception as exc:  # noqa: BLE001  (never raise into training)
+                ok, reason = False, f"{type(exc).__name__}: {exc}"
+                logger.warning("[moetion] replication of window %d failed: %s",
+                               window.window_id, reason)
+            stats = RoundStats(window.window_id, ok, time.perf_counter() - start,
+                               window.layout.total_bytes * len(self.buddies), reason)
+            with self._lock:
+                self.history.append(stats)
+                self.finished_round = max(self.finished_round, window.window_id)
+                if ok and generation == self._generation:
+                    self.acked_window = max(self.acked_window, window.window_id)
+                elif not ok:
+                    self.failures += 1
+            if self._queue.empty():
+                self._idle.set()
+
+    def _round(self, window: Window, corrupt: bool, generation: int) -> tuple[bool, str]:
+        all_ok, reasons = True, []
+        parcel = Parcel(window.buffer[:window.layout.total_bytes], window.meta_blob or b"",
+                        (window.window_id,), SnapshotEngine.window_crc(window))
+        for j, (buddy, owner) in enumerate(zip(self.buddies, self.owners)):
+            got = self.transport.exchange(send_to=buddy, parcel=parcel, recv_from=owner,
+                                          tag=ROUND_TAG + j, alloc=self.pool.get,
+                                          corrupt=corrupt and j == 0)
+            keep = got.ok and got.parcel.ids[0] == window.window_id
+            if not got.ok:
+                self.corrupt_detected += 1
+                logger.warning("[moetion] copy of rank %d's window %d is corrupt (%s); not kept",
+                               owner, window.window_id, got.reason)
+            with self._lock:
+                keep = keep and generation == self._generation
+                if keep:
+                    copy = unpack_meta(got.parcel.blob, got.parcel.data)
+                    copy.crc = got.parcel.crc_data
+                    self.store.put(owner, copy)
+                else:
+                    self.pool.put(got.parcel.data)
+            ack = self.transport.exchange_ints(send_to=owner, values=[window.window_id, int(keep)],
+                                               recv_from=buddy, n=2, tag=ROUND_TAG + j)
+            if ack[0] != window.window_id or ack[1] != 1:
+                all_ok = False
+                reasons.append(f"buddy {buddy} did not keep it")
+        return all_ok, "; ".join(reasons)
+
+
+def new_group_for(ranks=None, backend: str = "gloo", timeout_s: float = 300.0):
+    """A process group of MoEtion's own (every rank must call this in the same order)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    return dist.new_group(ranks=ranks, backend=backend, timeout=timedelta(seconds=timeout_s))

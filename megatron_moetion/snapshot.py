@@ -1,0 +1,347 @@
+"""Snapshot engine: copies each iteration's capture items into reused host buffers.
+
+A *window* is one flat host buffer holding ``W`` slots; slot ``k`` holds, for the iteration it
+captures, the full state of that slot's ACTIVE operators and the compute weights of the
+FROZEN ones (``WindowLayout`` fixes every item's offset). Buffers come from a pool and are
+reused, so after warm-up no iteration allocates host memory.
+
+Call order per iteration (one rank)::
+
+    window = engine.begin_window(...)          # at a window's first iteration
+    engine.capture(window, slot, items, meta)  # after the optimizer step
+    engine.wait_for_copies()                   # before the next optimizer step (GPU)
+    engine.seal(window)                        # once the window's last slot is in
+
+On GPU the copies run on a side stream into pinned memory, after an event recorded on the
+training stream (the optimizer step is done), and ``wait_for_copies`` makes the training
+stream wait for them before the next optimizer step, the only writer of what they read. On
+CPU the copies are plain memcpy, done before ``capture`` returns.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+ALIGN = 64
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemSpec:
+    """Where one captured tensor region lives in a window buffer (picklable, no tensors)."""
+
+    key: str
+    op: str
+    mode: str  # "active" or "frozen"
+    dtype: str
+    numel: int
+    offset: int  # bytes from the start of the window buffer
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureItem:
+    """A live tensor region to capture: ``source`` is a 1-D view of what to copy."""
+
+    key: str
+    op: str
+    mode: str
+    source: torch.Tensor
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """Offsets of every item in every slot; identical for all windows of one schedule."""
+
+    slots: tuple[tuple[ItemSpec, ...], ...]
+    total_bytes: int
+
+    @classmethod
+    def build(cls, slot_items: Sequence[Sequence[CaptureItem]]) -> WindowLayout:
+        offset, slots = 0, []
+        for items in slot_items:
+            specs = []
+            for item in items:
+                offset = _align(offset)
+                spec = ItemSpec(item.key, item.op, item.mode, _dtype_name(item.source.dtype),
+                                item.source.numel(), offset)
+                specs.append(spec)
+                offset += spec.nbytes
+            slots.append(tuple(specs))
+        return cls(tuple(slots), _align(offset))
+
+    def slot_bytes(self, slot: int) -> int:
+        return sum(s.nbytes for s in self.slots[slot])
+
+    def matches(self, slot: int, items: Sequence[CaptureItem]) -> bool:
+        specs = self.slots[slot]
+        return len(specs) == len(items) and all(
+            s.key == i.key and s.numel == i.source.numel()
+            and s.dtype == _dtype_name(i.source.dtype) for s, i in zip(specs, items))
+
+
+@dataclass
+class Window:
+    """One window's snapshots on the rank that took them (or a buddy's verified copy)."""
+
+    window_id: int
+    start_iteration: int
+    layout: WindowLayout
+    buffer: torch.Tensor  # uint8, host (pinned on GPU machines)
+    meta: dict = field(default_factory=dict)  # window-level (schedule, operator names)
+    slot_meta: dict[int, dict] = field(default_factory=dict)  # per captured slot
+    sealed: bool = False
+    crc: int | None = None
+    meta_blob: bytes | None = None
+
+    @property
+    def window(self) -> int:
+        return len(self.layout.slots)
+
+    @property
+    def end_iteration(self) -> int:
+        return self.start_iteration + self.window - 1
+
+    def iteration_of(self, slot: int) -> int:
+        return self.start_iteration + slot
+
+    @property
+    def complete(self) -> bool:
+        return len(self.slot_meta) == self.window
+
+    def view(self, spec: ItemSpec) -> torch.Tensor:
+        """A typed 1-D view of one item inside the buffer (no copy)."""
+        raw = self.buffer[spec.offset:spec.offset + spec.nbytes]
+        return raw.view(_dtype(spec.dtype))
+
+    def items(self, slot: int) -> tuple[ItemSpec, ...]:
+        return self.layout.slots[slot]
+
+    def used_bytes(self) -> int:
+        return self.layout.total_bytes
+
+
+_TENSOR_TAG = "__moetion_tensor__"
+
+
+def _encode(obj):
+    """Replace tensors by plain (tag, dtype, shape, bytes) tuples so the pickle holds only
+    builtins and this module's layout classes (portable, and safe to unpickle restrictedly)."""
+    if torch.is_tensor(obj):
+        t = obj.detach().to("cpu").contiguous()
+        return (_TENSOR_TAG, _dtype_name(t.dtype), tuple(t.shape),
+                bytes(t.view(-1).view(torch.uint8).numpy().tobytes()) if t.numel() else b"")
+    if isinstance(obj, dict):
+        return {k: _encode(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_encode(v) for v in obj)
+    return obj
+
+
+def _decode(obj):
+    if isinstance(obj, tuple) and len(obj) == 4 and obj[0] == _TENSOR_TAG:
+        _, dtype, shape, raw = obj
+        flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else \
+            torch.empty(0, dtype=torch.uint8)
+        return flat.view(_dtype(dtype)).reshape(shape).clone()
+    if isinstance(obj, dict):
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_decode(v) for v in obj)
+    return obj
+
+
+class _MetaUnpickler(pickle.Unpickler):
+    """Allows builtins and the layout classes of this module, nothing else."""
+
+    _ALLOWED = {("megatron_moetion.snapshot", "WindowLayout"),
+                ("megatron_moetion.snapshot", "ItemSpec")}
+
+    def find_class(self, module, name):
+        if module == "builtins" and name in {"dict", "list", "tuple", "set", "frozenset",
+                                             "int", "float", "bool", "str", "bytes",
+                                             "bytearray", "complex"}:
+            return super().find_class(module, name)
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"window metadata may not contain {module}.{name}")
+
+
+def pack_meta(window: Window) -> bytes:
+    """Everything of a window besides its tensor bytes, for replication and persistence."""
+    return pickle.dumps(_encode({
+        "window_id": window.window_id, "start_iteration": window.start_iteration,
+        "layout": window.layout, "meta": window.meta, "slot_meta": window.slot_meta,
+    }), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_meta(blob: bytes, buffer: torch.Tensor) -> Window:
+    import io
+
+    data = _decode(_MetaUnpickler(io.BytesIO(blob)).load())
+    return Window(data["window_id"], data["start_iteration"], data["layout"], buffer,
+                  data["meta"], data["slot_meta"], sealed=True, meta_blob=blob)
+
+
+def checksum(buffer: torch.Tensor, nbytes: int | None = None) -> int:
+    """CRC-32 of the first ``nbytes`` of a host uint8 tensor (no copy)."""
+    n = buffer.numel() if nbytes is None else nbytes
+    return zlib.crc32(buffer[:n].numpy())
+
+
+class HostBufferPool:
+    """Reuses host buffers by size; ``allocations`` counts fresh allocations (for tests)."""
+
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()  # the replication thread takes buffers too
+        self.allocations = 0
+        self.allocated_bytes = 0
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            best = None
+            for i, buf in enumerate(self._free):
+                if buf.numel() >= nbytes and (best is None or buf.numel() < self._free[best].numel()):
+                    best = i
+            if best is not None:
+                return self._free.pop(best)
+            self.allocations += 1
+            self.allocated_bytes += nbytes
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+
+    def put(self, buf: torch.Tensor | None) -> None:
+        if buf is not None:
+            with self._lock:
+                self._free.append(buf)
+
+    def free_bytes(self) -> int:
+        with self._lock:
+            return sum(b.numel() for b in self._free)
+
+
+class SnapshotEngine:
+    """Captures operator state into window buffers; see the module docstring for call order.
+
+    Args:
+        device: the device the training tensors live on (``cpu`` or a CUDA device).
+        stream: side stream for device-to-host copies (CUDA only; created if None).
+    """
+
+    def __init__(self, device: torch.device, stream=None):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.pool = HostBufferPool(pinned=self.cuda)
+        self.stream = (stream or torch.cuda.Stream(device=self.device)) if self.cuda else None
+        self._pending = None  # CUDA event of the last capture
+        self.last_copy_s = 0.0
+        self.last_copy_bytes = 0
+
+    def begin_window(self, window_id: int, start_iteration: int, layout: WindowLayout,
+                     meta: dict) -> Window:
+        buffer = self.pool.get(layout.total_bytes)
+        return Window(window_id, start_iteration, layout, buffer, dict(meta))
+
+    def release(self, window: Window | None) -> None:
+        if window is not None and window.buffer is not None:
+            self.pool.put(window.buffer)
+            window.buffer = None
+
+    def capture(self, window: Window, slot: int, items: Sequence[CaptureItem],
+                meta: dict) -> int:
+        """Copy ``items`` (in layout order) into ``slot``; return the bytes copied."""
+        specs = window.items(slot)
+        if len(specs) != len(items):
+            raise ValueError(f"slot {slot} of window {window.window_id} expects {len(specs)} "
+                             f"items, got {len(items)}")
+        start = time.perf_counter()
+        nbytes = 0
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(ready)
+                for spec, item in zip(specs, items):
+                    window.view(spec).copy_(item.source.reshape(-1), non_blocking=True)
+                    nbytes += spec.nbytes
+                done = torch.cuda.Event()
+                done.record(self.stream)
+            self._pending = done
+        else:
+            with torch.no_grad():
+                for spec, item in zip(specs, items):
+                    window.view(spec).copy_(item.source.reshape(-1))
+                    nbytes += spec.nbytes
+        window.slot_meta[slot] = dict(meta)
+        self.last_copy_s = time.perf_counter() - start
+        self.last_copy_bytes = nbytes
+        return nbytes
+
+    def wait_for_copies(self) -> float:
+        """Make the training stream wait for the last capture (GPU); return host seconds."""
+        if self._pending is None:
+            return 0.0
+        start = time.perf_counter()
+        torch.cuda.current_stream(self.device).wait_event(self._pending)
+        return time.perf_counter() - start
+
+    def synchronize(self) -> None:
+        """Block the host until the last capture has landed (before reading the buffer)."""
+        if self._pending is not None:
+            self._pending.synchronize()
+
+    def seal(self, window: Window) -> None:
+        """Freeze a complete window: its metadata blob. The checksum is left to whoever reads
+        the bytes next (the replication thread), off the training loop's critical path."""
+        if not window.complete:
+            raise ValueError(f"window {window.window_id} has {len(window.slot_meta)} of "
+                             f"{window.window} slots")
+        self.synchronize()
+        window.meta_blob = pack_meta(window)
+        window.sealed = True
+
+    @staticmethod
+    def window_crc(window: Window) -> int:
+        """The window's CRC-32, computed once."""
+        if window.crc is None:
+            window.crc = checksum(window.buffer, window.layout.total_bytes)
+        return window.crc
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 64 << 20, repeats: int = 3) -> float:
+    """Device-to-host copy bandwidth in bytes/s into pinned memory (memcpy on CPU)."""
+    device = torch.device(device)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=device.type == "cuda")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / max(best, 1e-9)
