@@ -96,6 +96,19 @@ class WindowManager:
                    if w is not None and w.buffer is not None}
         return sum(w.buffer.numel() for w in windows.values()) + self.engine.pool.free_bytes()
 
+    def discard_current(self) -> None:
+        """Drop the window being captured (after a recovery, windows start afresh)."""
+        if self.current is not None:
+            self.engine.release(self.current)
+            self.current = None
+
+    def adopt(self, window: Window) -> None:
+        """Keep a window pulled from a buddy as this rank's own persisted copy (a recovered
+        rank can then serve as a survivor if a stage peer fails before the next persist)."""
+        if self.persisted is not None and self.persisted is not self.shipped:
+            self._release(self.persisted)
+        self.persisted = window
+
     def drop_all(self) -> None:
         """Forget every local window (fault injection: lose_state; recovery restart)."""
         for w in {id(w): w for w in (self.current, self.shipped, self.persisted)

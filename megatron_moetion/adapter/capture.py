@@ -14,6 +14,7 @@ weights on every rank (``sync_model_params``).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -92,16 +93,47 @@ def build_captures(bindings: list[OperatorBinding], optimizer) -> list[OpCapture
     return captures
 
 
-def set_requires_grad(captures: list[OpCapture], names: set[str], value: bool) -> None:
-    """Freeze (``False``) or thaw the parameters of the named operators.
+def linear_layers_by_weight(model_chunks) -> dict[int, torch.nn.Module]:
+    """Megatron's tensor-parallel linear layers (``ColumnParallelLinear``,
+    ``RowParallelLinear``: every expert, attention and dense-MLP projection of the local spec),
+    keyed by ``id`` of their weight."""
+    from megatron.core.utils import unwrap_model
 
-    Megatron's linear layers then take ``LinearWithFrozenWeight`` (forward and input gradient,
-    no weight gradient), and autograd skips the weight gradients of the others.
+    out = {}
+    for chunk in unwrap_model(list(model_chunks)):
+        for module in chunk.modules():
+            weight = getattr(module, "weight", None)
+            if hasattr(type(module), "_forward_impl") and isinstance(weight, torch.nn.Parameter):
+                out[id(weight)] = module
+    return out
+
+
+@contextmanager
+def frozen(captures: list[OpCapture], names: set[str], linears: dict[int, torch.nn.Module]):
+    """Run the named operators FROZEN: their linear layers go through Megatron's own
+    ``linear_with_frozen_weight`` (forward and input gradient, no weight-gradient GEMM).
+
+    ``requires_grad`` stays on: with expert parallelism a layer whose local experts were all
+    frozen would otherwise drop out of the backward all-to-all that the other ranks run. The
+    few non-linear parameters (norms, router gate) still get a gradient, which the optimizer
+    probe discards with the rest of the FROZEN operators' main gradients.
     """
+    from megatron.core.tensor_parallel.layers import linear_with_frozen_weight
+
+    patched = []
     for cap in captures:
-        if cap.name in names:
-            for p in cap.params:
-                p.requires_grad_(value)
+        if cap.name not in names:
+            continue
+        for p in cap.params:
+            module = linears.get(id(p))
+            if module is not None and "_forward_impl" not in module.__dict__:
+                module._forward_impl = linear_with_frozen_weight
+                patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module._forward_impl
 
 
 @torch.no_grad()

@@ -39,11 +39,18 @@ class FaultInjector:
         return hits
 
 
+_GARBAGE = torch.Generator().manual_seed(0xBAD)
+
+
 def _garbage(t: torch.Tensor) -> None:
+    """Overwrite with small finite noise: NaN would trip Megatron's own NaN checks, whose
+    rerun machinery then re-runs only some ranks' forward-backward, a divergence no real
+    failure causes (a dead rank sends nothing at all)."""
     if t.is_floating_point():
-        t.fill_(float("nan"))
+        noise = torch.randn(t.shape, generator=_GARBAGE, dtype=torch.float32) * 0.02
+        t.copy_(noise.abs().to(t.device, t.dtype))
     else:
-        t.fill_(-7)
+        t.fill_(0)
 
 
 @torch.no_grad()
@@ -69,7 +76,7 @@ def wipe_rank_state(model_chunks, optimizer, scheduler, bindings) -> None:
     if scheduler is not None:
         scheduler.num_steps = -12345
         for group in optimizer.param_groups:
-            group["lr"] = float("nan")
+            group["lr"] = 0.5
     torch.manual_seed(0xDEAD)
     tracker = get_cuda_rng_tracker()
     tracker.set_states({k: torch.zeros_like(v) for k, v in tracker.get_states().items()})

@@ -2,24 +2,28 @@
 
 Per iteration ``t`` (see ``megatron_hooks`` for where Megatron calls each method):
 
-* ``on_train_step_start(t)``: close the previous window (seal; ship it to the buddies or skip
-  it), promote the shipped window once the agreement says every buddy acknowledged it, and
-  open a new window (schedule from Algorithm 1) at a window boundary;
-* the wrapped forward-backward: Megatron's schedule, then the agreement (one all-reduce), then
-  waiting for the previous snapshot's copies before the optimizer step may run;
-* ``on_optimizer_step_end(t)``: capture this iteration's slot (ACTIVE operators' main weights
-  and optimizer state, FROZEN operators' compute weights) and the scalars replay needs;
+* ``on_train_step_start(t)``: at a window boundary seal the finished window and ship it to
+  the buddies (or skip it), promote the shipped window once every buddy acknowledged it
+  (dropping logs older than it), open the next window; remember the start-of-iteration RNG
+  and router state (an aborted attempt is undone with it);
+* the wrapped forward-backward: Megatron's schedule through the logging P2P communicator and
+  a recording data iterator, then the agreement (one all-reduce). If ranks lost their state,
+  every rank runs the recovery and then iteration ``t`` again; then the optimizer step may run
+  once the previous snapshot's copies are done;
+* ``on_optimizer_step_end(t)``: the iteration's global scalars go to the logs, and its slot
+  is captured (ACTIVE operators' full state, FROZEN operators' compute weights);
 * ``on_train_step_end(t)``: counters and metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import socket
-import statistics
 import time
-from collections import deque
+import zlib
 from datetime import timedelta
 
 import torch
@@ -29,33 +33,31 @@ from megatron_moetion.adapter import training_state as ts
 from megatron_moetion.adapter.capture import build_captures
 from megatron_moetion.adapter.discovery import discover_operators
 from megatron_moetion.adapter.fault_injection import FaultInjector, wipe_rank_state
-from megatron_moetion.adapter.optimizer_state import sub_optimizers
+from megatron_moetion.adapter.optimizer_probe import OptimizerProbe
+from megatron_moetion.adapter.replay_io import (
+    FlowControl,
+    MoEtionP2PCommunicator,
+    RecordingIterator,
+    ReplayIterator,
+)
+from megatron_moetion.adapter.snapshots import SnapshotController
 from megatron_moetion.adapter.support import check_supported
 from megatron_moetion.agreement import Agreement, agree
 from megatron_moetion.config import MoEtionConfig
-from megatron_moetion.errors import RecoveryError
+from megatron_moetion.errors import RecoveryError, UnsupportedConfigurationError
 from megatron_moetion.metrics import MetricsWriter
-from megatron_moetion.operators import OpKind, order_operators
+from megatron_moetion.operators import OpKind
+from megatron_moetion.recovery_plan import Holdings
 from megatron_moetion.replication import Replicator
-from megatron_moetion.schedule import (
-    PopularityTracker,
-    budget_bytes,
-    find_window,
-    partition_for_window,
-)
-from megatron_moetion.snapshot import SnapshotEngine, WindowLayout, measure_copy_bandwidth
+from megatron_moetion.snapshot import SnapshotEngine, measure_copy_bandwidth
 from megatron_moetion.storage import PersistWriter, write_window
 from megatron_moetion.testing.faults import FaultPlan
 from megatron_moetion.topology import RankInfo, Topology
 from megatron_moetion.transport import ProcessGroupTransport
+from megatron_moetion.upstream_log import LogStore
 from megatron_moetion.window_manager import WindowManager
 
 logger = logging.getLogger(__name__)
-
-
-def _log0(msg: str, *args) -> None:
-    if dist.get_rank() == 0:
-        logger.warning("[moetion] " + msg, *args)
 
 
 def _node_id() -> str:
@@ -77,6 +79,7 @@ class MoEtionSession:
     def __init__(self, cfg: MoEtionConfig, model, optimizer, scheduler, args,
                  last_checkpoint_iteration: int | None = None):
         from megatron.core import parallel_state as mpu
+        from megatron.core.pipeline_parallel.schedules import _build_default_pg_collection
 
         check_supported(args, cfg)
         self.cfg, self.model, self.optimizer, self.scheduler, self.args = (
@@ -89,168 +92,68 @@ class MoEtionSession:
         self.control_group = dist.new_group(backend="gloo", timeout=timeout)
         repl_backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.replication_group = dist.new_group(backend=repl_backend, timeout=timeout)
-        pp_group = mpu.get_pipeline_model_parallel_group()
+        self.pp_group = mpu.get_pipeline_model_parallel_group()
+        self.pg_collection = _build_default_pg_collection()
         info = RankInfo(self.rank, mpu.get_pipeline_model_parallel_rank(), 0,
-                        tuple(dist.get_process_group_ranks(pp_group)))
+                        tuple(dist.get_process_group_ranks(self.pp_group)))
         gathered = [None] * self.world_size
         dist.all_gather_object(gathered, (info, _node_id()), group=self.control_group)
         nodes = sorted({n for _, n in gathered}, key=str)
-        infos = [RankInfo(i.rank, i.stage, nodes.index(n), i.pipeline) for i, n in gathered]
-        self.topology = Topology(infos, cfg.replication_factor)
-        if self.topology.capped:
-            _log0("--moetion-replication-factor %d capped to %d buddies (world of %d ranks on "
-                  "%d nodes)", cfg.replication_factor, self.topology.num_buddies,
-                  self.world_size, len(nodes))
+        self.topology = Topology([RankInfo(i.rank, i.stage, nodes.index(n), i.pipeline)
+                                  for i, n in gathered], cfg.replication_factor)
+        if self.topology.capped and self.rank == 0:
+            logger.warning("[moetion] --moetion-replication-factor %d capped to %d buddies "
+                           "(%d ranks on %d nodes)", cfg.replication_factor,
+                           self.topology.num_buddies, self.world_size, len(nodes))
         self.bindings = discover_operators(model)
-        self.routers = [b for b in self.bindings if b.kind is OpKind.ROUTER]
+        self.router_buffers = [buf for b in self.bindings if b.kind is OpKind.ROUTER
+                               for buf in b.buffers]
         self.engine = SnapshotEngine(self.device)
-        stage_device = self.device if repl_backend == "nccl" else None
-        self.transport = ProcessGroupTransport(self.replication_group,
-                                               cfg.replication_chunk_bytes, stage_device)
+        self.transport = ProcessGroupTransport(
+            self.replication_group, cfg.replication_chunk_bytes,
+            self.device if repl_backend == "nccl" else None)
         self.replicator = Replicator(self.transport, self.topology.buddies(self.rank),
                                      self.topology.owners(self.rank), self.engine.pool)
         self.persist = PersistWriter(cfg.persist_dir, self.rank) if cfg.persist_dir else None
         self.windows = WindowManager(self.engine, self.replicator, self.persist)
+        copy_bandwidth = (cfg.copy_bandwidth_gbps * 1e9 if cfg.copy_bandwidth_gbps
+                          else measure_copy_bandwidth(self.device))
+        self.snapshots = SnapshotController(cfg, self.bindings, optimizer, self.windows,
+                                            copy_bandwidth, self.rank, self._gather)
+        self.logs = LogStore(self.device)
+        self.flow = FlowControl(self.logs, log_boundary=cfg.upstream_logging)
+        self.flow.device = self.device
+        self.probe = OptimizerProbe(optimizer)
+        self.p2p = None  # built on first use (needs the model config)
         self.metrics = MetricsWriter(cfg.metrics_file, self.rank)
-        self.popularity = PopularityTracker(cfg.popularity_window_iters, cfg.reorder_threshold,
-                                            cfg.reorder_fraction)
-        self._router_counts: dict[str, torch.Tensor] = {}
-        self._hooks = [self._count_tokens(b) for b in self.routers]
-        self.copy_bandwidth = (cfg.copy_bandwidth_gbps * 1e9 if cfg.copy_bandwidth_gbps
-                               else measure_copy_bandwidth(self.device))
-        self.fwd_bwd_times: deque[float] = deque(maxlen=50)
-        self.agreed = Agreement((), -1, -1, 1)
-        self.captures = None
-        self.schedule = None
-        self.order: list[str] = []
-        self.first_iteration: int | None = None
-        self.next_window_start: int | None = None
-        self.last_checkpoint_iteration = last_checkpoint_iteration
-        self.faults = FaultInjector(FaultPlan.parse(cfg.fault_plan), self.rank, self.world_size)
+        self.faults = FaultInjector(FaultPlan.parse(cfg.fault_plan) if
+                                    int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+                                    else FaultPlan(), self.rank, self.world_size)
         self.debug_dir = os.environ.get("MOETION_DEBUG_DUMP_DIR", "")  # tests only
-        self._lost = False
-        self._corrupt_next_round = False
-        self._stall = 0.0
-        self._iter = {}
+        self.agreed = Agreement((), -1, -1, 1)
+        self.last_checkpoint_iteration = last_checkpoint_iteration
+        self.data_partner_ok = True
+        self.lost = False
         self.iteration = 0
-        _log0("on: %d operators on rank 0, %d buddies per rank, copy bandwidth %.2f GB/s",
-              len(self.bindings), self.topology.num_buddies, self.copy_bandwidth / 1e9)
+        self.first_iteration: int | None = None
+        self.recoveries: list[dict] = []
+        self._corrupt_next_round = False
+        self._num_microbatches = None
+        self._start_state = None
+        self._iter: dict = {}
+        self._stall = 0.0
+        if self.rank == 0:
+            logger.warning("[moetion] on: %d operators on rank 0, %d buddies per rank, copy "
+                           "bandwidth %.2f GB/s", len(self.bindings), self.topology.num_buddies,
+                           copy_bandwidth / 1e9)
 
-    # ------------------------------------------------------------------ popularity
-    def _count_tokens(self, binding):
-        router = binding.modules[0]
-        layer = binding.layer
-        local = None
+    def _gather(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.control_group)
+        return out
 
-        def hook(module, inputs, output):
-            nonlocal local
-            if not module.training or not torch.is_grad_enabled():
-                return
-            routing_map = output[1]
-            counts = routing_map.sum(dim=0).to(torch.float64)
-            key = f"layer{layer}"
-            prev = self._router_counts.get(key)
-            self._router_counts[key] = counts if prev is None else prev + counts
-
-        return router.register_forward_hook(hook)
-
-    def _expert_popularity(self) -> dict[str, float]:
-        """Token counts of this rank's experts over the recent rolling window."""
-        counts = {}
-        for key, tensor in self._router_counts.items():
-            for eid, c in enumerate(tensor.tolist()):
-                counts[f"{key}.expert{eid}"] = c
-        self._router_counts.clear()
-        mine = {b.name for b in self.bindings if b.kind is OpKind.EXPERT}
-        self.popularity.add({k: v for k, v in counts.items() if k in mine})
-        return self.popularity.totals()
-
-    # ------------------------------------------------------------------ scheduling
-    def _specs(self):
-        return {c.name: c.spec() for c in self.captures}
-
-    def _window_proposal(self) -> int:
-        """The window size this rank would like for its next window (Algorithm 1)."""
-        if self.cfg.window:
-            return self.cfg.window
-        if self.captures is None or not self.fwd_bwd_times:
-            return 1
-        specs = self._specs()
-        ordered = [specs[n] for n in self.order] if self.order else order_operators(specs.values())
-        fwd_bwd = self.cfg.iter_time_s or statistics.median(self.fwd_bwd_times)
-        schedule = find_window(ordered, budget_bytes(self.copy_bandwidth, fwd_bwd))
-        if not schedule.fits:
-            logger.warning("[moetion] rank %d: even one operator per slot does not fit the "
-                           "copy budget (%.1f MB in %.3f s); W=%d, snapshots will stall",
-                           self.rank, budget_bytes(self.copy_bandwidth, fwd_bwd) / 1e6, fwd_bwd,
-                           schedule.window)
-        return schedule.window
-
-    def _open_window(self, iteration: int) -> None:
-        self.captures = build_captures(self.bindings, self.optimizer)
-        specs = self._specs()
-        reorder = not self.order or self.popularity.should_reorder()
-        if reorder:
-            popularity = self._expert_popularity()
-            self.order = [op.name for op in order_operators(specs.values(), popularity)]
-        else:
-            self._expert_popularity()
-        window = max(1, self.agreed.window_proposal if not self.cfg.window else self.cfg.window)
-        fwd_bwd = self.cfg.iter_time_s or (statistics.median(self.fwd_bwd_times)
-                                           if self.fwd_bwd_times else 0.0)
-        self.schedule = partition_for_window([specs[n] for n in self.order], window,
-                                             budget_bytes(self.copy_bandwidth, fwd_bwd))
-        by_name = {c.name: c for c in self.captures}
-        slot_items = []
-        for k in range(window):
-            items = [item for name in self.schedule.active(k) for item, _ in by_name[name].active]
-            items += [item for name in self.schedule.frozen(k) for item, _ in by_name[name].frozen]
-            slot_items.append(items)
-        self._slot_items = slot_items
-        layout = WindowLayout.build(slot_items)
-        self.windows.open(iteration, layout, {"slots": self.schedule.slots,
-                                              "slot_bytes": self.schedule.slot_bytes,
-                                              "reordered": reorder})
-        self.next_window_start = iteration + window
-
-    # ------------------------------------------------------------------ hooks
-    def wrap_forward_backward_func(self, forward_backward_func):
-        session = self
-
-        def moetion_forward_backward(**kwargs):
-            if kwargs.get("forward_only", False):
-                return forward_backward_func(**kwargs)
-            kwargs["forward_step_func"] = session._wrap_forward_step(kwargs["forward_step_func"])
-            start = time.perf_counter()
-            out = forward_backward_func(**kwargs)
-            session.fwd_bwd_times.append(time.perf_counter() - start)
-            session._fire("step")
-            session._after_forward_backward()
-            return out
-
-        return moetion_forward_backward
-
-    def _wrap_forward_step(self, forward_step_func):
-        """Fire ``fwd`` faults before the first forward micro-batch and ``bwd`` faults when the
-        first backward micro-batch reaches this rank."""
-        if not any(f.phase in ("fwd", "bwd") for f in self.faults.pending):
-            return forward_step_func
-        session, state = self, {"first": True}
-
-        def forward_step(*args, **kwargs):
-            first, state["first"] = state["first"], False
-            if first:
-                session._fire("fwd")
-            output, loss_func = forward_step_func(*args, **kwargs)
-            if first and torch.is_tensor(output) and output.requires_grad:
-                output.register_hook(lambda grad: session._fire("bwd") or None)
-            elif first:
-                session._fire("bwd")
-            return output, loss_func
-
-        return forward_step
-
-    def _fire(self, phase: str, **kwargs) -> None:
+    # ------------------------------------------------------------------ faults
+    def fire(self, phase: str, **kwargs) -> None:
         for fault in self.faults.due(phase, self.iteration, **kwargs):
             if fault.kind == "lose_state":
                 self.lose_state()
@@ -262,95 +165,247 @@ class MoEtionSession:
         self.replicator.quiesce(self.cfg.timeout_s)  # no buffer is in flight while dropped
         self.windows.drop_all()
         self.replicator.wipe()
+        self.logs.wipe()
+        self.snapshots.forget()
         wipe_rank_state(self.model, self.optimizer, self.scheduler, self.bindings)
-        self.captures, self.order = None, []
-        self._lost = True
+        self.lost = True
 
-    def _after_forward_backward(self) -> None:
+    def _wrap_forward_step(self, forward_step_func):
+        """Fire ``fwd`` faults before the first forward micro-batch and ``bwd`` faults when the
+        first backward micro-batch reaches this rank."""
+        if not any(f.phase in ("fwd", "bwd") and f.iteration == self.iteration
+                   for f in self.faults.pending):
+            return forward_step_func
+        session, state = self, {"first": True}
+
+        def forward_step(*args, **kwargs):
+            first, state["first"] = state["first"], False
+            if first:
+                session.fire("fwd")
+            output, loss_func = forward_step_func(*args, **kwargs)
+            if first and torch.is_tensor(output) and output.requires_grad:
+                output.register_hook(lambda grad: session.fire("bwd"))
+            elif first:
+                session.fire("bwd")
+            return output, loss_func
+
+        return forward_step
+
+    # ------------------------------------------------------------------ the schedule
+    def _communicator(self, kwargs) -> None:
+        if kwargs.get("p2p_communicator") is None and kwargs.get("pg_collection") is None:
+            if self.p2p is None:
+                from megatron.core.utils import get_model_config
+
+                self.p2p = MoEtionP2PCommunicator(self.pp_group, get_model_config(self.model[0]),
+                                                  self.flow)
+            kwargs["p2p_communicator"], kwargs["pg_collection"] = self.p2p, self.pg_collection
+        elif not isinstance(kwargs.get("p2p_communicator"), MoEtionP2PCommunicator):
+            raise UnsupportedConfigurationError(
+                "--moetion needs Megatron's default pipeline communicator; pretrain() was given "
+                "a custom p2p_communicator/pg_collection")
+
+    def wrap_forward_backward_func(self, forward_backward_func):
+        session = self
+
+        def moetion_forward_backward(**kwargs):
+            if kwargs.get("forward_only", False):
+                return forward_backward_func(**kwargs)
+            session._communicator(kwargs)
+            session._num_microbatches = kwargs["num_microbatches"]
+            template = dict(kwargs)
+            rerun = False
+            while True:
+                call = dict(template)
+                call["forward_step_func"] = session._wrap_forward_step(
+                    template["forward_step_func"])
+                session.flow.begin(session.iteration)
+                if rerun:
+                    call["data_iterator"] = ReplayIterator(
+                        session.logs.data_for(session.iteration), session.iteration)
+                elif template.get("data_iterator") is not None:
+                    call["data_iterator"] = RecordingIterator(template["data_iterator"],
+                                                              session.flow)
+                session.probe.begin_iteration()
+                start = time.perf_counter()
+                out = forward_backward_func(**call)
+                if not rerun:
+                    session.snapshots.fwd_bwd_times.append(time.perf_counter() - start)
+                session.fire("step")
+                if not session._agree_and_recover(template, forward_backward_func):
+                    return out
+                rerun = True
+
+        return moetion_forward_backward
+
+    def _agree_and_recover(self, template, forward_backward_func) -> bool:
+        """The per-iteration agreement; on failures run the recovery, return True to re-run."""
         t0 = time.perf_counter()
         finished, acked = self.replicator.status()
-        self.agreed = agree(self.control_group, self.world_size, self.rank, lost=self._lost,
+        self.agreed = agree(self.control_group, self.world_size, self.rank, lost=self.lost,
                             finished_round=finished, acked_window=acked,
-                            window_proposal=self._window_proposal())
-        self._stall += self.engine.wait_for_copies() + (time.perf_counter() - t0)
-        if self.agreed.failed:
-            raise RecoveryError(
-                f"ranks {list(self.agreed.failed)} lost their state at iteration "
-                f"{self.iteration}; localized recovery is not available in this build")
+                            window_proposal=self.snapshots.proposal())
+        self._stall += time.perf_counter() - t0
+        if not self.agreed.failed:
+            self._stall += self.engine.wait_for_copies()
+            return False
+        from megatron_moetion.adapter.recovery import recover
 
+        report = recover(self, self.agreed.failed, self.iteration, template,
+                         forward_backward_func)
+        self.recoveries.append(report)
+        self.emit_recovery(report)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        return True
+
+    # ------------------------------------------------------------------ recovery support
+    def holdings(self) -> Holdings:
+        windows = {}
+        for w in (self.windows.persisted, self.windows.shipped):
+            if w is not None and w.buffer is not None and w.complete:
+                windows[w.window_id] = (w.start_iteration, w.window)
+        replicas = {}
+        for owner, ids in self.replicator.held().items():
+            replicas[owner] = {}
+            for wid in ids:
+                rep = self.replicator.replica(owner, wid)
+                replicas[owner][wid] = (rep.start_iteration, rep.window)
+        logs = {k: self.logs.coverage(k) for k in ("fwd", "bwd", "data", "record")}
+        return Holdings(self.rank, self.lost, windows, replicas, logs, self.data_partner_ok)
+
+    def begin_recovery(self, fault_iteration: int, i_am_failed: bool) -> None:
+        self.replicator.quiesce(self.cfg.timeout_s)
+        if i_am_failed:  # what it logged of the aborted attempt after losing state is partial
+            self.logs.drop_iteration(fault_iteration, ("data",))
+        self.lost = False
+
+    def fresh_captures(self):
+        return build_captures(self.bindings, self.optimizer)
+
+    @contextlib.contextmanager
+    def ddp_without_overlap(self):
+        """Frozen parameters never report their gradients ready, so during replay the
+        gradient reduction runs synchronously at the end (same buckets, same collectives)."""
+        configs = [c.ddp_config for c in self.model if hasattr(c, "ddp_config")]
+        saved = [c.overlap_grad_reduce for c in configs]
+        for c in configs:
+            c.overlap_grad_reduce = False
+        try:
+            yield
+        finally:
+            for c, value in zip(configs, saved):
+                c.overlap_grad_reduce = value
+
+    def finish_recovery(self, plan, fingerprint) -> None:
+        """After the replay: check the survivors, reset the paused ranks, fresh windows."""
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        start = self._start_state
+        if self.rank in plan.replaying and self.rank not in plan.failed:
+            problems = []
+            if fingerprint != ts.state_fingerprint(self.model, self.optimizer):
+                problems.append("parameters or optimizer state")
+            if not ts.rng_equal(ts.capture_rng(), start["rng"]):
+                problems.append("RNG streams")
+            now = ts.capture_buffers(self.router_buffers)
+            if any(not torch.equal(now[k], v) for k, v in start["buffers"].items()):
+                problems.append("router buffers")
+            if problems:
+                raise RecoveryError(f"replay diverged on surviving rank {self.rank}: its "
+                                    f"{', '.join(problems)} differ from before the failure")
+        elif self.rank not in plan.replaying:
+            ts.restore_rng(start["rng"])
+            ts.restore_buffers(self.router_buffers, start["buffers"])
+        self.logs.drop_iteration(self.iteration)  # sends of the aborted attempt
+        get_moe_metrics_tracker().clear()
+        self.windows.discard_current()
+        self.snapshots.open_window(self.iteration, self.agreed)
+
+    def emit_recovery(self, report: dict) -> None:
+        self.metrics.write({"rank": self.rank, **report})
+        if self.rank == 0:
+            logger.warning("[moetion] recovery: %s", json.dumps(report, default=str))
+
+    # ------------------------------------------------------------------ per-iteration hooks
     def on_train_step_start(self, iteration: int) -> None:
         t0 = time.perf_counter()
-        self._stall = 0.0
-        self.iteration = iteration
+        self._stall, self.iteration = 0.0, iteration
+        self._iter = {"iteration": iteration}
         if self.first_iteration is None:
             self.first_iteration = iteration
-            self.next_window_start = iteration + 1  # the first window needs an agreement
-        self._iter = {"iteration": iteration}
-        current = self.windows.current
-        if current is not None and current.complete:
-            last = current.window - 1
-            rng_now = ts.capture_rng()
-            if not ts.rng_equal(rng_now, current.slot_meta[last]["rng_after"]):
-                current.slot_meta[last]["rng_after"] = rng_now  # consumed between iterations
-            self._fire("replication", at_or_after=True)
-            corrupt, self._corrupt_next_round = self._corrupt_next_round, False
-            self._iter["window_closed"] = self.windows.close_current(self.agreed, corrupt)
-        promoted = self.windows.advance(self.agreed)
-        if promoted is not None:
-            self._iter["persisted_window"] = promoted.window_id
-        if iteration >= self.next_window_start:
-            self._open_window(iteration)
+            self.snapshots.next_window_start = iteration + 1  # the first window needs an
+            # agreement (world-wide window size) and the optimizer state of a first step
+        self.fire("replication", at_or_after=True)
+        corrupt, self._corrupt_next_round = self._corrupt_next_round, False
+        out = self.snapshots.boundary(iteration, self.agreed, corrupt)
+        if "persisted_start" in out:
+            self.logs.truncate(out.pop("persisted_start"))
+        self._iter.update(out)
+        self._start_state = {"rng": ts.capture_rng(),
+                             "buffers": ts.capture_buffers(self.router_buffers),
+                             "sched_steps": getattr(self.scheduler, "num_steps", 0)}
         self._stall += time.perf_counter() - t0
 
     def on_optimizer_step_end(self, iteration: int, update_successful: bool, grad_norm) -> None:
         t0 = time.perf_counter()
-        window = self.windows.current
-        meta = {
-            "iteration": iteration,
-            "update_successful": update_successful,
-            "grad_norm": None if grad_norm is None else float(grad_norm),
-            "loss_scale": ts.loss_scale(self.optimizer),
-            "scheduler": ts.scheduler_state(self.scheduler),
-            "hparams": ts.param_group_hparams(self.optimizer),
-            "grad_scalers": ts.grad_scaler_states(self.optimizer),
-        }
-        self._iter.update(update_successful=update_successful, grad_norm=meta["grad_norm"])
-        if window is not None:
-            slot = iteration - window.start_iteration
-            nbytes = self.engine.capture(window, slot, self._slot_items[slot], meta)
-            if self.debug_dir:
-                self._debug_dump_live(iteration)
-            self._iter.update(window=window.window_id, slot=slot, snapshot_bytes=nbytes,
-                              copy_s=self.engine.last_copy_s,
-                              active_bytes=sum(i.source.numel() * i.source.element_size()
-                                               for i in self._slot_items[slot]
-                                               if i.mode == "active"),
-                              frozen_bytes=sum(i.source.numel() * i.source.element_size()
-                                               for i in self._slot_items[slot]
-                                               if i.mode == "frozen"))
+        steps = getattr(self.scheduler, "num_steps", 0)
+        record = {"grad_norm": self.probe.last.get("grad_norm"),
+                  "found_inf": dict(self.probe.last.get("found_inf", {})),
+                  "num_zeros": self.probe.last.get("num_zeros"),
+                  "update_successful": update_successful,
+                  "num_microbatches": self._num_microbatches,
+                  "increment": steps - self._start_state["sched_steps"]}
+        self.logs.log_record(iteration, record)
+        meta = {"iteration": iteration, "record": record,
+                "scheduler": ts.scheduler_state(self.scheduler),
+                "hparams": ts.param_group_hparams(self.optimizer),
+                "grad_scalers": ts.grad_scaler_states(self.optimizer),
+                "loss_scale": ts.loss_scale(self.optimizer)}
+        self._iter.update(update_successful=update_successful,
+                          grad_norm=None if grad_norm is None else float(grad_norm))
+        self._iter.update(self.snapshots.capture(iteration, meta))
+        if self.debug_dir and self.windows.current is not None:
+            self._debug_dump_live(iteration)
         self._stall += time.perf_counter() - t0
 
     def on_train_step_end(self, iteration: int, loss_dict, grad_norm, skipped_iter) -> None:
         t0 = time.perf_counter()
-        window = self.windows.current
-        if window is not None and (iteration - window.start_iteration) in window.slot_meta:
-            slot_meta = window.slot_meta[iteration - window.start_iteration]
-            slot_meta["consumed_samples"] = int(self.args.consumed_train_samples)
-            slot_meta["rng_after"] = ts.capture_rng()
+        self.snapshots.note_end_of_iteration(iteration, int(self.args.consumed_train_samples))
+        if iteration == self.first_iteration:
+            self._check_data_partners(iteration)
         self._stall += time.perf_counter() - t0
-        self._fire("snapshot")  # the snapshot of this iteration is lost with the rank
+        self.fire("snapshot")  # the snapshot of this iteration is lost with the rank
         self._emit_metrics(iteration)
+
+    def _check_data_partners(self, iteration: int) -> None:
+        """First and last stage of a pipeline must read the same micro-batches: a failed one
+        gets its data from the other. Checked once, on the first iteration's digests."""
+        digest = zlib.crc32(b"".join(
+            t.numpy().tobytes() for item in self.logs.data_for(iteration)
+            for _, t in sorted(item.items()) if torch.is_tensor(t))) if \
+            self.logs.data_for(iteration) else None
+        digests = [None] * self.world_size
+        dist.all_gather_object(digests, digest, group=self.control_group)
+        partner = self.topology.data_partner(self.rank)
+        self.data_partner_ok = partner is not None and digests[partner] == digest
+        if partner is not None and not self.data_partner_ok:
+            logger.warning("[moetion] rank %d and its pipeline partner %d read different "
+                           "micro-batches; a failure of either falls back to the persistent "
+                           "checkpoint", self.rank, partner)
 
     def _emit_metrics(self, iteration: int) -> None:
         rounds = self.replicator.history
         record = dict(self._iter)
         record.update(
             rank=self.rank, stall_ms=self._stall * 1e3,
-            fwd_bwd_ms=(self.fwd_bwd_times[-1] * 1e3 if self.fwd_bwd_times else None),
-            window_size=self.schedule.window if self.schedule else None,
-            dense_bytes=(sum(s.active_bytes for s in self._specs().values())
-                         if self.captures else None),
+            fwd_bwd_ms=(self.snapshots.fwd_bwd_times[-1] * 1e3
+                        if self.snapshots.fwd_bwd_times else None),
+            window_size=self.snapshots.schedule.window if self.snapshots.schedule else None,
+            dense_bytes=self.snapshots.dense_bytes(),
             host_bytes_held=self.windows.held_bytes() + self.replicator.held_bytes(),
+            log_bytes=self.logs.nbytes(),
             replication_bytes=self.transport.bytes_sent,
             replication_rounds=len(rounds),
             replication_failures=self.replicator.failures,
@@ -362,54 +417,45 @@ class MoEtionSession:
                               if self.windows.persisted is not None else None),
         )
         self.metrics.write(record)
-        self._tensorboard(iteration, record)
-
-    def _tensorboard(self, iteration: int, record: dict) -> None:
         from megatron.training.global_vars import get_tensorboard_writer
 
         writer = get_tensorboard_writer()
-        if writer is None:
-            return
-        for key in ("stall_ms", "snapshot_bytes", "host_bytes_held", "replication_bytes"):
-            if record.get(key) is not None:
-                writer.add_scalar(f"moetion/{key}", record[key], iteration)
+        if writer is not None:
+            for key in ("stall_ms", "snapshot_bytes", "host_bytes_held", "log_bytes"):
+                if record.get(key) is not None:
+                    writer.add_scalar(f"moetion/{key}", record[key], iteration)
 
     def on_checkpoint_save(self, iteration: int, non_persistent: bool) -> None:
         if not non_persistent:
             self.last_checkpoint_iteration = iteration
 
     def shutdown(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        self.snapshots.close()
         self.replicator.close(self.cfg.timeout_s)
+        if self.persist is not None:
+            self.persist.close(self.cfg.timeout_s)
         if self.debug_dir:
             for owner, ids in self.replicator.held().items():
                 for wid in ids:
                     write_window(f"{self.debug_dir}/replicas/held_by{self.rank}", owner,
                                  self.replicator.replica(owner, wid))
-        if self.persist is not None:
-            self.persist.close(self.cfg.timeout_s)
+        self.probe.uninstall()
         self.metrics.close()
 
     def _debug_dump_live(self, iteration: int) -> None:
         """Tests only: the live state after this iteration's optimizer step, by name."""
-        from megatron_moetion.adapter.optimizer_state import collect_rank_state
-
-        path = f"{self.debug_dir}/live/rank{self.rank}.iter{iteration}.pt"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         from megatron.core.utils import unwrap_model
+
+        from megatron_moetion.adapter.optimizer_state import collect_rank_state
 
         state = {k: v.detach().clone() for k, v in
                  collect_rank_state(self.model, self.optimizer).items()}
         for c, chunk in enumerate(unwrap_model(list(self.model))):
             for name, b in chunk.named_buffers():
                 state[f"buffer/chunk{c}.{name}"] = b.detach().clone()
+        path = f"{self.debug_dir}/live/rank{self.rank}.iter{iteration}.pt"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(state, path)
-
-    # ------------------------------------------------------------------ for tests and demos
-    def describe(self) -> dict:
-        return {
-            "rank": self.rank, "operators": [b.name for b in self.bindings],
-            "buddies": self.topology.buddies(self.rank),
-            "sub_optimizers": [type(s).__name__ for s in sub_optimizers(self.optimizer)],
-        }

@@ -54,6 +54,9 @@ def restore_scheduler(scheduler, optimizer, state: dict, hparams) -> None:
     """Restore the scheduler's counters and the values it had set on the parameter groups."""
     if scheduler is None:
         return
+    # OptimizerParamScheduler.load_state_dict *adds* the saved step count (step(increment=n)),
+    # as it expects a fresh scheduler; start from zero so the result is the saved count.
+    scheduler.num_steps = 0
     scheduler.load_state_dict(dict(state))
     for group, (lr, wd) in zip(optimizer.param_groups, hparams):
         group["lr"] = lr
@@ -89,3 +92,28 @@ def capture_buffers(buffers: list[tuple[str, torch.Tensor]]) -> dict[str, torch.
 def restore_buffers(buffers: list[tuple[str, torch.Tensor]], saved: dict[str, torch.Tensor]):
     for name, b in buffers:
         b.copy_(saved[name])
+
+
+@torch.no_grad()
+def state_fingerprint(model_chunks, optimizer) -> int:
+    """An order-independent checksum of parameters, main weights and optimizer state, used to
+    check that a replay brought a surviving rank back to exactly the state it had."""
+    from megatron_moetion.adapter.optimizer_state import main_states
+
+    def tensor_sum(t: torch.Tensor) -> torch.Tensor:
+        flat = t.detach().contiguous().view(-1)
+        raw = flat.view(torch.int16) if flat.element_size() >= 2 else flat.view(torch.uint8)
+        wide = raw.to(torch.int64)
+        return wide.sum() * 1_000_003 + (wide * wide).sum()
+
+    total = torch.zeros((), dtype=torch.int64)
+    for chunk in model_chunks:
+        for p in chunk.parameters():
+            total = total + tensor_sum(p).cpu()
+    for ms in main_states(optimizer):
+        if not ms.shard_is_view:
+            total = total + tensor_sum(ms.main_param).cpu()
+        for value in ms.state().values():
+            if torch.is_tensor(value):
+                total = total + tensor_sum(value).cpu()
+    return int(total)

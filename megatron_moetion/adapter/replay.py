@@ -1,0 +1,152 @@
+"""Sparse-to-dense conversion and catch-up on the replaying ranks (one stage's slice).
+
+From the anchor window (iterations ``a .. a+W-1``; slot ``j`` was taken after step ``a+j``):
+
+1. load slot 0: slot-0 operators become ACTIVE (main weights + optimizer state), every other
+   operator gets its compute weights of iteration ``a`` and stays FROZEN;
+2. for ``t = a+1 .. a+W-1``: replay iteration ``t`` (FROZEN operators run forward and input
+   gradient only: their linear layers go through Megatron's ``linear_with_frozen_weight``,
+   and the optimizer skips their main weights), then load
+   slot ``t-a``: its operators turn ACTIVE from their anchor, the still-FROZEN ones get their
+   compute weights of iteration ``t``;
+3. catch up ``a+W .. f-1`` with every operator ACTIVE.
+
+Each replayed step injects that iteration's recorded global grad norm / found-inf, and the LR
+scheduler steps by the recorded increment, so the result is the original state, bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from megatron_moetion.adapter import training_state as ts
+from megatron_moetion.adapter.capture import (
+    OpCapture,
+    frozen,
+    linear_layers_by_weight,
+    sync_model_params,
+)
+from megatron_moetion.adapter.replay_io import ReplayIterator
+from megatron_moetion.errors import RecoveryError
+from megatron_moetion.recovery_plan import RecoveryPlan
+from megatron_moetion.snapshot import Window
+
+
+# Tests only: a deliberately wrong recovery the bitwise oracle must catch.
+NEGATIVE_CONTROL_ENV = "MOETION_NEGATIVE_CONTROL"
+
+
+def restore_slot(window: Window, slot: int, captures: list[OpCapture]) -> int:
+    """Copy every item of ``slot`` back into the live tensors; return bytes restored."""
+    targets = {}
+    for cap in captures:
+        for mode, items in (("active", cap.active), ("frozen", cap.frozen)):
+            for item, target in items:
+                targets[(item.key, mode)] = target
+    nbytes = 0
+    with torch.no_grad():
+        for spec in window.items(slot):
+            target = targets.get((spec.key, spec.mode))
+            if target is None or target.numel() != spec.numel:
+                raise RecoveryError(f"window {window.window_id} slot {slot} holds {spec.key} "
+                                    f"({spec.mode}), which this rank's model does not have")
+            target.copy_(window.view(spec).to(target.device))
+            nbytes += spec.nbytes
+    return nbytes
+
+
+class Replayer:
+    """Runs conversion and catch-up for one plan on one replaying rank.
+
+    Args:
+        session: the rank's ``MoEtionSession``.
+        plan: the recovery plan.
+        window: the anchor window (own, or pulled from a buddy).
+        kwargs: the forward-backward call of the aborted iteration (template for replays).
+        forward_backward_func: Megatron's schedule.
+        on_first_iteration: called after the first replayed iteration (fault injection).
+    """
+
+    def __init__(self, session, plan: RecoveryPlan, window: Window, kwargs: dict,
+                 forward_backward_func, on_first_iteration=None):
+        self.s, self.plan, self.window = session, plan, window
+        self.kwargs, self.fwd_bwd = kwargs, forward_backward_func
+        self.on_first_iteration = on_first_iteration
+        self.captures = session.fresh_captures()
+        self.linears = linear_layers_by_weight(session.model)
+        self.slots = [set(names) for names in window.meta["slots"]]
+        self.phases = {"load": 0.0, "conversion": 0.0, "catch_up": 0.0}
+        self.bytes_loaded = 0
+
+    def _load_slot(self, slot: int) -> None:
+        self.bytes_loaded += restore_slot(self.window, slot, self.captures)
+        meta = self.window.slot_meta[slot]
+        ts.restore_rng(meta["rng_after"])
+        sync_model_params(self.s.optimizer, self.s.model)
+
+    def load_anchor(self) -> None:
+        start = time.perf_counter()
+        meta = self.window.slot_meta[0]
+        self._load_slot(0)
+        ts.restore_scheduler(self.s.scheduler, self.s.optimizer, meta["scheduler"],
+                             meta["hparams"])
+        ts.restore_grad_scalers(self.s.optimizer, meta["grad_scalers"])
+        self.phases["load"] += time.perf_counter() - start
+
+    def _frozen_after(self, loaded_slots: int) -> set[str]:
+        return {name for k in range(loaded_slots, len(self.slots)) for name in self.slots[k]}
+
+    def replay_iteration(self, t: int, frozen_ops: set[str]) -> None:
+        s = self.s
+        record = s.logs.records.get(t)
+        if record is None:
+            raise RecoveryError(f"no global scalars for iteration {t} on rank {s.rank}")
+        frozen_main = [p for c in self.captures if c.name in frozen_ops for p in c.main_params]
+        for chunk in s.model:
+            chunk.zero_grad_buffer()
+        s.optimizer.zero_grad()
+        s.flow.begin(t, replaying=True)
+        kwargs = dict(self.kwargs)
+        kwargs["num_microbatches"] = record["num_microbatches"]
+        kwargs["data_iterator"] = ReplayIterator(s.logs.data_for(t), t)
+        with frozen(self.captures, frozen_ops, self.linears), s.ddp_without_overlap():
+            self.fwd_bwd(**kwargs)
+        with s.probe.replaying(record, frozen_main):
+            s.optimizer.step()
+        if record["update_successful"] and s.scheduler is not None:
+            s.scheduler.step(increment=record["increment"])
+
+    def run(self) -> None:
+        if os.environ.get(NEGATIVE_CONTROL_ENV) == "skip_conversion":
+            return self._run_without_conversion()
+        self.load_anchor()
+        first = True
+        for t in self.plan.conversion:
+            start = time.perf_counter()
+            slot = t - self.plan.anchor_start
+            self.replay_iteration(t, self._frozen_after(slot))
+            self._load_slot(slot)
+            self.phases["conversion"] += time.perf_counter() - start
+            if first and self.on_first_iteration is not None:
+                self.on_first_iteration()
+            first = False
+        for t in self.plan.catch_up:
+            start = time.perf_counter()
+            self.replay_iteration(t, set())
+            self.phases["catch_up"] += time.perf_counter() - start
+            if first and self.on_first_iteration is not None:
+                self.on_first_iteration()
+            first = False
+
+    def _run_without_conversion(self) -> None:
+        """Negative control (``MOETION_NEGATIVE_CONTROL=skip_conversion``): resume every
+        operator from its own slot as MoC-System resumes partial expert checkpoints, without
+        sparse-to-dense conversion, so operators captured early in the window are stale."""
+        self.load_anchor()
+        for slot in range(1, len(self.slots)):
+            self._load_slot(slot)
+        for t in self.plan.catch_up:
+            self.replay_iteration(t, set())

@@ -1,0 +1,219 @@
+"""Sparse snapshots on one rank: popularity, schedule, and what each iteration captures.
+
+``SnapshotController`` keeps the operator order (least popular experts first, from the router
+token counts of every rank, collected by forward hooks), opens each window with the world-wide
+window size (Algorithm 1 proposals agreed with ``max``) and a world-wide slot assignment,
+captures the slot of every iteration after the optimizer step, and at window boundaries seals,
+ships (or skips) and promotes windows through the ``WindowManager``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+from collections import deque
+
+import torch
+
+from megatron_moetion.adapter import training_state as ts
+from megatron_moetion.adapter.capture import build_captures
+from megatron_moetion.agreement import Agreement
+from megatron_moetion.operators import OpKind, order_operators
+from megatron_moetion.schedule import (
+    PopularityTracker,
+    WindowSchedule,
+    budget_bytes,
+    find_window,
+    partition_for_window,
+)
+from megatron_moetion.snapshot import WindowLayout
+from megatron_moetion.window_manager import WindowManager
+
+logger = logging.getLogger(__name__)
+
+
+class SnapshotController:
+    """See the module docstring.
+
+    Args:
+        cfg: the MoEtion configuration.
+        bindings: this rank's operators (``discover_operators``).
+        optimizer: Megatron's optimizer (capture items point into its state).
+        windows: this rank's window manager.
+        copy_bandwidth: bytes/s used for window sizing.
+        rank: global rank (for log messages).
+        gather: ``all_gather_object`` over every rank (MoEtion's control group).
+    """
+
+    def __init__(self, cfg, bindings, optimizer, windows: WindowManager, copy_bandwidth: float,
+                 rank: int, gather):
+        self.cfg, self.bindings, self.optimizer = cfg, bindings, optimizer
+        self.windows, self.copy_bandwidth, self.rank = windows, copy_bandwidth, rank
+        self.gather = gather
+        self.popularity = PopularityTracker(cfg.popularity_window_iters, cfg.reorder_threshold,
+                                            cfg.reorder_fraction)
+        self.fwd_bwd_times: deque[float] = deque(maxlen=50)
+        self.captures = None
+        self.schedule = None
+        self.order: list[str] = []
+        self.slot_items: list = []
+        self.next_window_start: int | None = None
+        self._router_counts: dict[str, torch.Tensor] = {}
+        self._hooks = [self._count_tokens(b) for b in bindings if b.kind is OpKind.ROUTER]
+
+    # ------------------------------------------------------------------ popularity
+    def _count_tokens(self, binding):
+        key = f"layer{binding.layer}"
+
+        def hook(module, inputs, output):
+            if not module.training or not torch.is_grad_enabled():
+                return
+            counts = output[1].sum(dim=0).to(torch.float64)
+            prev = self._router_counts.get(key)
+            self._router_counts[key] = counts if prev is None else prev + counts
+
+        return binding.modules[0].register_forward_hook(hook)
+
+    # ------------------------------------------------------------------ scheduling
+    def specs(self) -> dict:
+        return {c.name: c.spec() for c in self.captures}
+
+    def fwd_bwd_s(self) -> float:
+        if self.cfg.iter_time_s:
+            return self.cfg.iter_time_s
+        return statistics.median(self.fwd_bwd_times) if self.fwd_bwd_times else 0.0
+
+    def proposal(self) -> int:
+        """The window size this rank wants for its next window (Algorithm 1)."""
+        if self.cfg.window:
+            return self.cfg.window
+        if self.captures is None or not self.fwd_bwd_times:
+            return 1
+        specs = self.specs()
+        ordered = [specs[n] for n in self.order] if self.order else order_operators(
+            specs.values())
+        budget = budget_bytes(self.copy_bandwidth, self.fwd_bwd_s())
+        schedule = find_window(ordered, budget)
+        if not schedule.fits:
+            logger.warning("[moetion] rank %d: even one operator per slot does not fit the copy "
+                           "budget (%.1f MB); W=%d, snapshots will stall", self.rank,
+                           budget / 1e6, schedule.window)
+        return schedule.window
+
+    def open_window(self, iteration: int, agreed: Agreement) -> None:
+        """Open a window with a schedule identical on every rank.
+
+        Every rank that holds a part of an operator (data-parallel shards, data-parallel
+        replicas whose gradients are all-reduced) must treat it alike during a replay, so the
+        operator order and slots are agreed world-wide: one ``all_gather_object`` of every
+        rank's operators, token counts, order and reorder vote; the order and vote of the
+        lowest rank that has an order (a rank recovered from a failure has none) win.
+        """
+        self.captures = build_captures(self.bindings, self.optimizer)
+        local = self.specs()
+        counts = self._local_counts()
+        mine = {"specs": list(local.values()), "counts": counts, "order": list(self.order),
+                "reorder": bool(self.order) and self.popularity.should_reorder(),
+                "totals": self.popularity.totals()}
+        everyone = self.gather(mine)
+        merged = {}
+        for rank_info in everyone:
+            for spec in rank_info["specs"]:
+                prev = merged.get(spec.name)
+                merged[spec.name] = spec if prev is None else dataclasses.replace(
+                    prev, num_params=prev.num_params + spec.num_params,
+                    active_bytes=prev.active_bytes + spec.active_bytes,
+                    frozen_bytes=prev.frozen_bytes + spec.frozen_bytes)
+        summed: dict[str, float] = {}
+        for rank_info in everyone:
+            for name, c in rank_info["counts"].items():
+                summed[name] = summed.get(name, 0.0) + c
+        leader = next((x for x in everyone if x["order"]), None)
+        if leader is None or leader["reorder"]:
+            totals = dict(leader["totals"]) if leader else {}
+            for name, c in summed.items():
+                totals[name] = totals.get(name, 0.0) + c
+            self.order = [op.name for op in order_operators(merged.values(), totals)]
+            reordered = True
+        else:
+            self.order = list(leader["order"])
+            reordered = False
+        self.popularity.add(summed)
+        window = self.cfg.window or max(1, agreed.window_proposal)
+        glob = partition_for_window([merged[n] for n in self.order if n in merged], window,
+                                    budget_bytes(self.copy_bandwidth, self.fwd_bwd_s()))
+        slots = tuple(tuple(n for n in names if n in local) for names in glob.slots)
+        self.schedule = WindowSchedule(slots, tuple(
+            sum(local[n].active_bytes for n in names)
+            + sum(local[n].frozen_bytes for later in slots[k + 1:] for n in later)
+            for k, names in enumerate(slots)), glob.budget_bytes, glob.fits)
+        by_name = {c.name: c for c in self.captures}
+        self.slot_items = []
+        for k in range(window):
+            items = [i for name in self.schedule.active(k) for i, _ in by_name[name].active]
+            items += [i for name in self.schedule.frozen(k) for i, _ in by_name[name].frozen]
+            self.slot_items.append(items)
+        self.windows.open(iteration, WindowLayout.build(self.slot_items),
+                          {"slots": self.schedule.slots, "slot_bytes": self.schedule.slot_bytes,
+                           "reordered": reordered})
+        self.next_window_start = iteration + window
+
+    def _local_counts(self) -> dict[str, float]:
+        """Tokens routed to each expert (global ids) by this rank's routers since last time."""
+        counts = {f"{key}.expert{eid}": c for key, tensor in self._router_counts.items()
+                  for eid, c in enumerate(tensor.tolist())}
+        self._router_counts.clear()
+        return counts
+
+    def capture(self, iteration: int, meta: dict) -> dict:
+        """Capture this iteration's slot of the open window; return metrics."""
+        window = self.windows.current
+        if window is None:
+            return {}
+        slot = iteration - window.start_iteration
+        items = self.slot_items[slot]
+        nbytes = self.windows.engine.capture(window, slot, items, meta)
+        active = sum(i.source.numel() * i.source.element_size() for i in items
+                     if i.mode == "active")
+        return {"window": window.window_id, "slot": slot, "snapshot_bytes": nbytes,
+                "active_bytes": active, "frozen_bytes": nbytes - active,
+                "copy_s": self.windows.engine.last_copy_s}
+
+    def note_end_of_iteration(self, iteration: int, consumed_samples: int) -> None:
+        window = self.windows.current
+        if window is not None and (iteration - window.start_iteration) in window.slot_meta:
+            meta = window.slot_meta[iteration - window.start_iteration]
+            meta["consumed_samples"] = consumed_samples
+            meta["rng_after"] = ts.capture_rng()
+
+    def boundary(self, iteration: int, agreed: Agreement, corrupt: bool) -> dict:
+        """At the start of ``iteration``: close a complete window, promote, maybe open."""
+        out = {}
+        current = self.windows.current
+        if current is not None and current.complete:
+            last = current.window - 1
+            rng_now = ts.capture_rng()
+            if not ts.rng_equal(rng_now, current.slot_meta[last]["rng_after"]):
+                current.slot_meta[last]["rng_after"] = rng_now  # consumed between iterations
+            out["window_closed"] = self.windows.close_current(agreed, corrupt)
+        promoted = self.windows.advance(agreed)
+        if promoted is not None:
+            out["persisted_window"] = promoted.window_id
+            out["persisted_start"] = promoted.start_iteration
+        if self.next_window_start is not None and iteration >= self.next_window_start:
+            self.open_window(iteration, agreed)
+        return out
+
+    def dense_bytes(self) -> int | None:
+        return sum(s.active_bytes for s in self.specs().values()) if self.captures else None
+
+    def forget(self) -> None:
+        """lose_state: the schedule and popularity are part of what a failed rank loses."""
+        self.captures, self.order, self.schedule = None, [], None
+        self.popularity = PopularityTracker(self.cfg.popularity_window_iters,
+                                            self.cfg.reorder_threshold, self.cfg.reorder_fraction)
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()

@@ -1,0 +1,114 @@
+"""Recovery planning: slices, anchor choice, log transfers, fallbacks with reasons."""
+
+from megatron_moetion.recovery_plan import Holdings, plan_recovery
+from megatron_moetion.topology import RankInfo, Topology
+
+
+def topo(pp=2, dp=2, r=2):
+    return Topology([RankInfo(x, x // dp, 0, tuple(s * dp + x % dp for s in range(pp)))
+                     for x in range(pp * dp)], r)
+
+
+def holdings(t, failed, windows=((0, 2, 3), (1, 5, 3)), logs=(1, 12), drop=None):
+    """Every rank holds windows ``(id, start, W)``, copies of its owners' windows, and logs."""
+    out = {}
+    for x in range(t.world_size):
+        lost = x in failed
+        own = {} if lost else {w: (s, n) for w, s, n in windows}
+        reps = {} if lost else {o: {w: (s, n) for w, s, n in windows} for o in t.owners(x)}
+        lg = {} if lost else {k: logs for k in ("fwd", "bwd", "data", "record")}
+        out[x] = Holdings(x, lost, own, reps, lg)
+    if drop:
+        out = drop(out)
+    return out
+
+
+def test_single_failure_replays_its_stage_only():
+    t = topo()
+    plan = plan_recovery(t, [1], 11, holdings(t, [1]))
+    assert not plan.fallback, plan.reason
+    assert plan.replaying == (0, 1) and plan.paused == (2, 3)
+    assert plan.anchor_window == 1 and plan.anchor_start == 5 and plan.window == 3
+    assert list(plan.conversion) == [6, 7] and list(plan.catch_up) == [8, 9, 10]
+    kinds = [(x.kind, x.src, x.dst) for x in plan.transfers]
+    assert ("window", 2, 1) in kinds  # rank 1's first buddy is rank 2
+    assert ("bwd", 2, 0) in kinds and ("bwd", 3, 1) in kinds  # from the paused next stage
+    assert ("data", 3, 1) in kinds  # rank 1's pipeline partner is rank 3
+    assert ("record", 0, 1) in kinds
+    assert not any(x.kind == "fwd" for x in plan.transfers)  # first stage has no prev
+
+
+def test_middle_stage_gets_both_directions():
+    t = topo(pp=3, dp=1, r=1)
+    plan = plan_recovery(t, [1], 9, holdings(t, [1]))
+    kinds = {(x.kind, x.src, x.dst) for x in plan.transfers}
+    assert ("fwd", 0, 1) in kinds and ("bwd", 2, 1) in kinds
+    assert not any(x.kind == "data" for x in plan.transfers)  # middle stages read no data
+
+
+def test_consecutive_stages_replay_together_and_talk_directly():
+    t = topo(pp=4, dp=1, r=2)
+    plan = plan_recovery(t, [1, 2], 9, holdings(t, [1, 2]))
+    assert plan.replaying == (1, 2)
+    kinds = {(x.kind, x.src, x.dst) for x in plan.transfers}
+    assert ("fwd", 0, 1) in kinds and ("bwd", 3, 2) in kinds
+    assert ("bwd", 2, 1) not in kinds and ("fwd", 1, 2) not in kinds
+
+
+def test_newer_window_without_copies_falls_back_to_older_window():
+    t = topo()
+
+    def drop(h):  # nobody holds a copy of rank 0's window 1 any more
+        for x, hold in h.items():
+            if 0 in hold.replicas:
+                hold.replicas[0].pop(1)
+        return h
+
+    assert plan_recovery(t, [0], 11, holdings(t, [0])).anchor_window == 1
+    plan = plan_recovery(t, [0], 11, holdings(t, [0], drop=drop))
+    assert plan.anchor_window == 0 and plan.anchor_start == 2
+    assert list(plan.conversion) == [3, 4] and list(plan.catch_up) == list(range(5, 11))
+
+
+def test_rank_and_all_buddies_lost_falls_back_naming_what_was_lost():
+    t = topo(r=1)
+    plan = plan_recovery(t, [0, 1], 11, holdings(t, [0, 1]))
+    assert plan.fallback and 0 in plan.lost and "every copy of its window" in plan.lost[0]
+
+
+def test_rank_and_one_buddy_lost_uses_the_remaining_copy():
+    t = topo(r=2)
+    plan = plan_recovery(t, [0, 1], 11, holdings(t, [0, 1]))
+    assert not plan.fallback, plan.reason
+    assert {(x.src, x.dst) for x in plan.transfers if x.kind == "window"} == {(2, 0), (2, 1)}
+
+
+def test_missing_neighbour_logs_force_fallback():
+    t = topo()
+
+    def drop(h):
+        for x in (2, 3):
+            h[x].logs["bwd"] = (9, 12)
+        return h
+
+    plan = plan_recovery(t, [1], 11, holdings(t, [1], drop=drop))
+    assert plan.fallback and "rank 3's bwd logs for iterations 6-10 are gone" in plan.reason
+
+
+def test_whole_pipeline_lost_cannot_recover_its_data():
+    t = topo()
+    plan = plan_recovery(t, [0, 2], 11, holdings(t, [0, 2]))
+    assert plan.fallback and "micro-batches" in plan.reason
+
+
+def test_nothing_persisted_yet():
+    t = topo()
+    plan = plan_recovery(t, [1], 3, holdings(t, [1], windows=()))
+    assert plan.fallback and "no window" in plan.reason
+
+
+def test_without_upstream_logging_everyone_replays():
+    t = topo()
+    plan = plan_recovery(t, [1], 11, holdings(t, [1]), upstream_logging=False)
+    assert plan.replaying == (0, 1, 2, 3) and plan.paused == ()
+    assert not any(x.kind in ("fwd", "bwd") for x in plan.transfers)
