@@ -118,7 +118,10 @@ def plan_recovery(topology: Topology, failed: list[int], fault_iteration: int,
             else:
                 span = holdings[r].windows[wid]
         for r in failed_t:
-            source = next((b for b in topology.buddies(r) if b in alive
+            if wid in holdings[r].windows:  # recovered earlier in this recovery: has a copy
+                span = holdings[r].windows[wid]
+                continue
+            source = next((b for b in topology.buddies(r) if b in alive and b != r
                            and wid in holdings[b].replicas.get(r, {})), None)
             if source is None:
                 lost[r] = (f"every copy of its window {wid} is gone (buddies "
@@ -145,7 +148,7 @@ def plan_recovery(topology: Topology, failed: list[int], fault_iteration: int,
                     transfers.append(Transfer(kind, neighbour, r, iterations=(lo, hi)))
             if _reads_data(topology, r):
                 need = (lo, fault_iteration)
-                if r in failed_t:
+                if r in failed_t and not _covers(holdings[r].logs.get("data"), *need):
                     partner = topology.data_partner(r)
                     if (partner is None or holdings[partner].lost
                             or not holdings[r].data_partner_ok
@@ -157,10 +160,10 @@ def plan_recovery(topology: Topology, failed: list[int], fault_iteration: int,
                 elif not _covers(holdings[r].logs.get("data"), *need):
                     lost[r] = f"its own data log for iterations {need[0]}-{need[1]}"
         for r in failed_t:
-            if lo > hi:
+            if lo > hi or _covers(holdings[r].logs.get("record"), lo, hi):
                 continue
-            source = next((s for s in alive if _covers(holdings[s].logs.get("record"), lo, hi)),
-                          None)
+            source = next((s for s in alive if s != r
+                           and _covers(holdings[s].logs.get("record"), lo, hi)), None)
             if source is None:
                 lost[r] = f"the global scalars of iterations {lo}-{hi}"
             else:

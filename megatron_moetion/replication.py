@@ -24,6 +24,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from megatron_moetion.snapshot import HostBufferPool, SnapshotEngine, Window, unpack_meta
 from megatron_moetion.transport import Parcel, ProcessGroupTransport
 
@@ -102,15 +104,21 @@ class Replicator:
     def enabled(self) -> bool:
         return bool(self.buddies)
 
-    def start_round(self, window: Window, corrupt: bool = False) -> None:
-        """Queue ``window`` (sealed) for replication; returns at once. Without buddies the
-        round is finished (and the window acked) at once: snapshots stay local only."""
+    def start_round(self, window: Window | None, corrupt: bool = False,
+                    window_id: int | None = None) -> None:
+        """Queue ``window`` (sealed) for replication; returns at once. ``window=None`` takes
+        part in round ``window_id`` without a window (this rank lost it): the buddies keep
+        nothing and it is never acked. Without buddies the round is finished (and the window
+        acked) at once: snapshots stay local only."""
+        wid = window.window_id if window is not None else window_id
         if not self.buddies:
             with self._lock:
-                self.finished_round = self.acked_window = window.window_id
+                self.finished_round = max(self.finished_round, wid)
+                if window is not None:
+                    self.acked_window = max(self.acked_window, wid)
             return
         self._idle.clear()
-        self._queue.put((window, corrupt))
+        self._queue.put((window, wid, corrupt))
 
     def quiesce(self, timeout_s: float) -> bool:
         """Wait until no round is queued or running; False on timeout."""
@@ -154,41 +162,44 @@ class Replicator:
             if item is None:
                 self._idle.set()
                 return
-            window, corrupt = item
+            window, wid, corrupt = item
             start = time.perf_counter()
             with self._lock:
                 generation = self._generation
             try:
-                ok, reason = self._round(window, corrupt, generation)
+                ok, reason = self._round(window, wid, corrupt, generation)
             except Exception as exc:  # noqa: BLE001  (never raise into training)
                 ok, reason = False, f"{type(exc).__name__}: {exc}"
-                logger.warning("[moetion] replication of window %d failed: %s",
-                               window.window_id, reason)
-            stats = RoundStats(window.window_id, ok, time.perf_counter() - start,
-                               window.layout.total_bytes * len(self.buddies), reason)
+                logger.warning("[moetion] replication of window %d failed: %s", wid, reason)
+            nbytes = window.layout.total_bytes * len(self.buddies) if window is not None else 0
+            stats = RoundStats(wid, ok, time.perf_counter() - start, nbytes, reason)
             with self._lock:
                 self.history.append(stats)
-                self.finished_round = max(self.finished_round, window.window_id)
+                self.finished_round = max(self.finished_round, wid)
                 if ok and generation == self._generation:
-                    self.acked_window = max(self.acked_window, window.window_id)
+                    self.acked_window = max(self.acked_window, wid)
                 elif not ok:
                     self.failures += 1
             if self._queue.empty():
                 self._idle.set()
 
-    def _round(self, window: Window, corrupt: bool, generation: int) -> tuple[bool, str]:
-        all_ok, reasons = True, []
-        parcel = Parcel(window.buffer[:window.layout.total_bytes], window.meta_blob or b"",
-                        (window.window_id,), SnapshotEngine.window_crc(window))
+    def _round(self, window: Window | None, wid: int, corrupt: bool,
+               generation: int) -> tuple[bool, str]:
+        all_ok, reasons = window is not None, [] if window is not None else ["lost locally"]
+        if window is not None:
+            parcel = Parcel(window.buffer[:window.layout.total_bytes], window.meta_blob or b"",
+                            (wid, 0), SnapshotEngine.window_crc(window))
+        else:
+            parcel = Parcel(torch.empty(0, dtype=torch.uint8), b"", (wid, 1))
         for j, (buddy, owner) in enumerate(zip(self.buddies, self.owners)):
             got = self.transport.exchange(send_to=buddy, parcel=parcel, recv_from=owner,
                                           tag=ROUND_TAG + j, alloc=self.pool.get,
                                           corrupt=corrupt and j == 0)
-            keep = got.ok and got.parcel.ids[0] == window.window_id
+            keep = got.ok and got.parcel.ids[0] == wid and got.parcel.ids[1] == 0
             if not got.ok:
                 self.corrupt_detected += 1
                 logger.warning("[moetion] copy of rank %d's window %d is corrupt (%s); not kept",
-                               owner, window.window_id, got.reason)
+                               owner, wid, got.reason)
             with self._lock:
                 keep = keep and generation == self._generation
                 if keep:
@@ -197,9 +208,9 @@ class Replicator:
                     self.store.put(owner, copy)
                 else:
                     self.pool.put(got.parcel.data)
-            ack = self.transport.exchange_ints(send_to=owner, values=[window.window_id, int(keep)],
+            ack = self.transport.exchange_ints(send_to=owner, values=[wid, int(keep)],
                                                recv_from=buddy, n=2, tag=ROUND_TAG + j)
-            if ack[0] != window.window_id or ack[1] != 1:
+            if ack[0] != wid or ack[1] != 1:
                 all_ok = False
                 reasons.append(f"buddy {buddy} did not keep it")
         return all_ok, "; ".join(reasons)

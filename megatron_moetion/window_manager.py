@@ -32,6 +32,7 @@ class WindowManager:
         self.shipped: Window | None = None
         self.persisted: Window | None = None
         self.next_window_id = 0
+        self.open_id: int | None = None  # the window being captured (kept when it is lost)
         self.last_round = -1  # id of the latest window shipped (every rank ships the same ids)
         self.skipped = 0
         self.shipped_count = 0
@@ -40,27 +41,38 @@ class WindowManager:
         if self.current is not None:
             self.engine.release(self.current)
         self.current = self.engine.begin_window(self.next_window_id, start_iteration, layout, meta)
+        self.open_id = self.next_window_id
         self.next_window_id += 1
         return self.current
 
     def close_current(self, agreed: Agreement, corrupt: bool = False) -> str:
-        """Seal the complete current window and ship it, or skip it; returns which."""
-        window, self.current = self.current, None
-        if window is None or not window.complete:
+        """Seal the finished window and ship it, or skip it; returns which.
+
+        Every rank ships the same windows (the decision uses agreed values), so a rank that
+        lost the window it was capturing still takes part in the round, with nothing to give.
+        """
+        window, window_id, self.current, self.open_id = self.current, self.open_id, None, None
+        if window_id is None:
+            return "none"
+        if window is not None and not window.complete:
             self.engine.release(window)
             return "incomplete"
-        self.engine.seal(window)
+        if window is not None:
+            self.engine.seal(window)
         if agreed.finished_round < self.last_round:
             # some rank is still replicating the previous window: skip this one
             self.skipped += 1
             logger.info("[moetion] window %d skipped: replication of window %d still running",
-                        window.window_id, self.last_round)
+                        window_id, self.last_round)
             self.engine.release(window)
             return "skipped"
+        self.last_round = window_id
+        if window is None:
+            self.replicator.start_round(None, window_id=window_id)
+            return "lost"
         if self.shipped is not None and self.shipped is not self.persisted:
             self._release(self.shipped)
         self.shipped = window
-        self.last_round = window.window_id
         self.shipped_count += 1
         self.replicator.start_round(window, corrupt=corrupt)
         return "shipped"
@@ -100,7 +112,7 @@ class WindowManager:
         """Drop the window being captured (after a recovery, windows start afresh)."""
         if self.current is not None:
             self.engine.release(self.current)
-            self.current = None
+        self.current, self.open_id = None, None
 
     def adopt(self, window: Window) -> None:
         """Keep a window pulled from a buddy as this rank's own persisted copy (a recovered

@@ -77,6 +77,9 @@ def wipe_rank_state(model_chunks, optimizer, scheduler, bindings) -> None:
         scheduler.num_steps = -12345
         for group in optimizer.param_groups:
             group["lr"] = 0.5
-    torch.manual_seed(0xDEAD)
+    from megatron.core.tensor_parallel.random import _get_cuda_rng_state
+
+    torch.manual_seed(0xDEAD)  # also reseeds the CUDA generator
+    garbage = _get_cuda_rng_state(clone=True)  # valid, but not the state the rank had
     tracker = get_cuda_rng_tracker()
-    tracker.set_states({k: torch.zeros_like(v) for k, v in tracker.get_states().items()})
+    tracker.set_states({k: garbage.clone() for k in tracker.get_states()})

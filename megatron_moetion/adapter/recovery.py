@@ -19,6 +19,7 @@ every rank stops the job for a restart from the last persistent checkpoint (Mega
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -39,7 +40,7 @@ from megatron_moetion.upstream_log import LogStore
 logger = logging.getLogger(__name__)
 
 RECOVERY_TAG = 10_000
-EXIT_RESTART_FROM_CHECKPOINT = 75  # torchrun restarts the job; Megatron --load resumes
+EXIT_RESTART_FROM_CHECKPOINT = 75  # the job is restarted; Megatron --load resumes
 
 
 def _execute_transfers(s, plan: RecoveryPlan) -> dict:
@@ -76,6 +77,25 @@ def _execute_transfers(s, plan: RecoveryPlan) -> dict:
     return got
 
 
+FALLBACK_RECORD = "moetion_fallback.json"
+
+
+def record_fallback(save_dir: str, report: dict) -> None:
+    """Append the fallback to ``<save>/moetion_fallback.json``: the restarted job reads it (a
+    fault plan is not applied twice) and so do people (the rollback is reported)."""
+    path = os.path.join(save_dir, FALLBACK_RECORD)
+    history = json.loads(open(path).read()) if os.path.exists(path) else []
+    history.append(report)
+    with open(path + ".tmp", "w") as f:
+        json.dump(history, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def fallbacks_recorded(load_dir: str | None) -> list:
+    path = os.path.join(load_dir or "", FALLBACK_RECORD)
+    return json.loads(open(path).read()) if load_dir and os.path.exists(path) else []
+
+
 def _fallback(s, plan: RecoveryPlan, report: dict) -> None:
     """Nothing recoverable in memory: restart from the last persistent checkpoint, or fail."""
     checkpoint = s.last_checkpoint_iteration
@@ -87,6 +107,7 @@ def _fallback(s, plan: RecoveryPlan, report: dict) -> None:
     can_restart = checkpoint is not None and getattr(s.args, "load", None)
     if can_restart:
         if s.rank == 0:
+            record_fallback(s.args.save, report)
             logger.error("[moetion] %s; stopping for a restart from the persistent checkpoint "
                          "of iteration %d (Megatron --load), a rollback of %d iterations",
                          plan.reason, checkpoint, plan.fault_iteration - 1 - checkpoint)

@@ -34,9 +34,14 @@ from megatron_moetion.errors import RecoveryError
 from megatron_moetion.recovery_plan import RecoveryPlan
 from megatron_moetion.snapshot import Window
 
-
-# Tests only: a deliberately wrong recovery the bitwise oracle must catch.
+# Tests only: a deliberately wrong recovery the checks must catch. "skip_conversion" resumes
+# stale operators (MoC-style) and turns the survivors' self-check off, so the run completes and
+# the bitwise oracle must see the damage; "skip_conversion,keep_checks" keeps the self-check.
 NEGATIVE_CONTROL_ENV = "MOETION_NEGATIVE_CONTROL"
+
+
+def negative_control() -> set[str]:
+    return set(filter(None, os.environ.get(NEGATIVE_CONTROL_ENV, "").split(",")))
 
 
 def restore_slot(window: Window, slot: int, captures: list[OpCapture]) -> int:
@@ -78,13 +83,23 @@ class Replayer:
         self.captures = session.fresh_captures()
         self.linears = linear_layers_by_weight(session.model)
         self.slots = [set(names) for names in window.meta["slots"]]
+        # What every replayed iteration reads, fetched up front: a rank that loses its state
+        # in the middle of the replay (a fault during recovery) still runs the same collectives
+        # to the end, with garbage, and the end-of-recovery agreement then restarts recovery.
+        iterations = list(plan.conversion) + list(plan.catch_up)
+        missing = [t for t in iterations if t not in session.logs.records]
+        if missing:
+            raise RecoveryError(f"no global scalars for iterations {missing} on rank "
+                                f"{session.rank}")
+        self.records = {t: session.logs.records[t] for t in iterations}
+        self.data = {t: session.logs.data_for(t) for t in iterations}
         self.phases = {"load": 0.0, "conversion": 0.0, "catch_up": 0.0}
         self.bytes_loaded = 0
 
     def _load_slot(self, slot: int) -> None:
-        self.bytes_loaded += restore_slot(self.window, slot, self.captures)
-        meta = self.window.slot_meta[slot]
-        ts.restore_rng(meta["rng_after"])
+        if not self.s.lost:  # after a fault during recovery only the collectives matter
+            self.bytes_loaded += restore_slot(self.window, slot, self.captures)
+            ts.restore_rng(self.window.slot_meta[slot]["rng_after"])
         sync_model_params(self.s.optimizer, self.s.model)
 
     def load_anchor(self) -> None:
@@ -101,9 +116,7 @@ class Replayer:
 
     def replay_iteration(self, t: int, frozen_ops: set[str]) -> None:
         s = self.s
-        record = s.logs.records.get(t)
-        if record is None:
-            raise RecoveryError(f"no global scalars for iteration {t} on rank {s.rank}")
+        record = self.records[t]
         frozen_main = [p for c in self.captures if c.name in frozen_ops for p in c.main_params]
         for chunk in s.model:
             chunk.zero_grad_buffer()
@@ -111,7 +124,7 @@ class Replayer:
         s.flow.begin(t, replaying=True)
         kwargs = dict(self.kwargs)
         kwargs["num_microbatches"] = record["num_microbatches"]
-        kwargs["data_iterator"] = ReplayIterator(s.logs.data_for(t), t)
+        kwargs["data_iterator"] = ReplayIterator(self.data[t], t)
         with frozen(self.captures, frozen_ops, self.linears), s.ddp_without_overlap():
             self.fwd_bwd(**kwargs)
         with s.probe.replaying(record, frozen_main):
@@ -120,7 +133,7 @@ class Replayer:
             s.scheduler.step(increment=record["increment"])
 
     def run(self) -> None:
-        if os.environ.get(NEGATIVE_CONTROL_ENV) == "skip_conversion":
+        if "skip_conversion" in negative_control():
             return self._run_without_conversion()
         self.load_anchor()
         first = True

@@ -126,9 +126,15 @@ class MoEtionSession:
         self.probe = OptimizerProbe(optimizer)
         self.p2p = None  # built on first use (needs the model config)
         self.metrics = MetricsWriter(cfg.metrics_file, self.rank)
-        self.faults = FaultInjector(FaultPlan.parse(cfg.fault_plan) if
-                                    int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
-                                    else FaultPlan(), self.rank, self.world_size)
+        from megatron_moetion.adapter.recovery import fallbacks_recorded
+
+        restarted = (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+                     or bool(fallbacks_recorded(getattr(args, "load", None))))
+        if restarted and cfg.fault_plan and self.rank == 0:
+            logger.warning("[moetion] this job was restarted after a fallback; the fault plan "
+                           "was applied to the first attempt and is not applied again")
+        self.faults = FaultInjector(FaultPlan() if restarted else FaultPlan.parse(cfg.fault_plan),
+                                    self.rank, self.world_size)
         self.debug_dir = os.environ.get("MOETION_DEBUG_DUMP_DIR", "")  # tests only
         self.agreed = Agreement((), -1, -1, 1)
         self.last_checkpoint_iteration = last_checkpoint_iteration
@@ -302,8 +308,12 @@ class MoEtionSession:
         """After the replay: check the survivors, reset the paused ranks, fresh windows."""
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
+        from megatron_moetion.adapter.replay import negative_control
+
         start = self._start_state
-        if self.rank in plan.replaying and self.rank not in plan.failed:
+        control = negative_control()
+        check = "skip_conversion" not in control or "keep_checks" in control
+        if self.rank in plan.replaying and self.rank not in plan.failed and check:
             problems = []
             if fingerprint != ts.state_fingerprint(self.model, self.optimizer):
                 problems.append("parameters or optimizer state")
@@ -337,9 +347,17 @@ class MoEtionSession:
             self.first_iteration = iteration
             self.snapshots.next_window_start = iteration + 1  # the first window needs an
             # agreement (world-wide window size) and the optimizer state of a first step
-        self.fire("replication", at_or_after=True)
+        lose_after = False
+        if self.snapshots.closes_now(iteration):  # a replication round starts now
+            for fault in self.faults.due("replication", iteration, at_or_after=True):
+                if fault.kind == "corrupt_replica":
+                    self._corrupt_next_round = True
+                else:
+                    lose_after = True
         corrupt, self._corrupt_next_round = self._corrupt_next_round, False
         out = self.snapshots.boundary(iteration, self.agreed, corrupt)
+        if lose_after:
+            self.lose_state()  # while the round runs: its copies may or may not arrive
         if "persisted_start" in out:
             self.logs.truncate(out.pop("persisted_start"))
         self._iter.update(out)

@@ -187,15 +187,21 @@ class SnapshotController:
             meta["consumed_samples"] = consumed_samples
             meta["rng_after"] = ts.capture_rng()
 
+    def closes_now(self, iteration: int) -> bool:
+        """Whether a window ends with the previous iteration (a replication round starts)."""
+        return (self.windows.open_id is not None and self.next_window_start is not None
+                and iteration >= self.next_window_start)
+
     def boundary(self, iteration: int, agreed: Agreement, corrupt: bool) -> dict:
-        """At the start of ``iteration``: close a complete window, promote, maybe open."""
+        """At the start of ``iteration``: close the finished window, promote, maybe open."""
         out = {}
-        current = self.windows.current
-        if current is not None and current.complete:
-            last = current.window - 1
-            rng_now = ts.capture_rng()
-            if not ts.rng_equal(rng_now, current.slot_meta[last]["rng_after"]):
-                current.slot_meta[last]["rng_after"] = rng_now  # consumed between iterations
+        if self.closes_now(iteration):
+            current = self.windows.current
+            if current is not None and current.complete:
+                last = current.window - 1
+                rng_now = ts.capture_rng()
+                if not ts.rng_equal(rng_now, current.slot_meta[last]["rng_after"]):
+                    current.slot_meta[last]["rng_after"] = rng_now  # consumed between iterations
             out["window_closed"] = self.windows.close_current(agreed, corrupt)
         promoted = self.windows.advance(agreed)
         if promoted is not None:

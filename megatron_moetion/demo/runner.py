@@ -118,9 +118,26 @@ def run_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def run_pretrain(cfg: RunConfig, out_dir: str | os.PathLike, *, timeout_s: float = 600,
                  env: dict[str, str] | None = None, max_restarts: int = 0) -> RunResult:
-    """Launch one run; its log is ``out_dir/log.txt`` and its oracle dump ``out_dir/oracle``."""
+    """Launch one run; its log is ``out_dir/log.txt`` and its oracle dump ``out_dir/oracle``.
+
+    ``max_restarts`` plays the cluster scheduler: when MoEtion stopped the job to fall back to
+    the last persistent checkpoint (it records that in ``<save>/moetion_fallback.json``), the
+    job is launched again with the same flags and Megatron's ``--load`` resumes it. (torchrun's
+    own ``--max-restarts`` cannot do this with gloo on torch 2.13: the restarted workers try to
+    connect to the first attempt's addresses.)
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return run_torchrun(DRIVER, cfg.world_size, megatron_flags(cfg, out_dir),
-                        log_path=out_dir / "log.txt", timeout_s=timeout_s, env=run_env(env),
-                        max_restarts=max_restarts, python=sys.executable)
+    marker = out_dir / "ckpt" / "moetion_fallback.json"
+    seconds = 0.0
+    for _attempt in range(max_restarts + 1):
+        before = marker.stat().st_mtime_ns if marker.exists() else None
+        result = run_torchrun(DRIVER, cfg.world_size, megatron_flags(cfg, out_dir),
+                              log_path=out_dir / "log.txt", timeout_s=timeout_s - seconds,
+                              env=run_env(env), python=sys.executable)
+        seconds += result.seconds
+        after = marker.stat().st_mtime_ns if marker.exists() else None
+        if result.returncode == 0 or result.timed_out or after == before:
+            break
+    result.seconds = seconds
+    return result

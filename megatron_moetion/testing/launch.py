@@ -78,10 +78,13 @@ def run_torchrun(script: str | os.PathLike, nproc: int, script_args: list[str], 
                  env: dict[str, str] | None = None, max_restarts: int = 0,
                  python: str = sys.executable) -> RunResult:
     """Run ``script`` under torchrun with ``nproc`` local workers on a free port."""
+    # c10d rendezvous: each restart is a new rendezvous round with a fresh store prefix (the
+    # static one reuses the first attempt's keys, so a restarted group connects to dead ranks)
     cmd = [
         python, "-m", "torch.distributed.run",
         f"--nproc-per-node={nproc}", "--nnodes=1", f"--max-restarts={max_restarts}",
-        "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        f"--rdzv-id=moetion-{os.getpid()}-{time.monotonic_ns()}",
         str(script), *script_args,
     ]
     full_env = dict(os.environ if env is None else env)

@@ -112,3 +112,19 @@ def test_without_upstream_logging_everyone_replays():
     plan = plan_recovery(t, [1], 11, holdings(t, [1]), upstream_logging=False)
     assert plan.replaying == (0, 1, 2, 3) and plan.paused == ()
     assert not any(x.kind in ("fwd", "bwd") for x in plan.transfers)
+
+
+def test_a_rank_recovered_earlier_in_the_same_recovery_is_never_its_own_source():
+    """A fault during recovery restarts it with the old failed ranks still failed; one that
+    already pulled its window and logs uses them, and never 'sends' to itself."""
+    t = topo()
+
+    def drop(h):  # rank 1 was recovered in a first attempt; rank 0 then lost its state
+        h[1] = Holdings(1, False, {1: (5, 3)}, {}, {"record": (6, 8), "data": (6, 9)})
+        return h
+
+    plan = plan_recovery(t, [0, 1], 9, holdings(t, [0], drop=drop))
+    assert not plan.fallback, plan.reason
+    assert all(x.src != x.dst for x in plan.transfers)
+    assert not any(x.dst == 1 and x.kind in ("window", "data", "record") for x in plan.transfers)
+    assert any(x.dst == 0 and x.kind == "record" and x.src == 1 for x in plan.transfers)
