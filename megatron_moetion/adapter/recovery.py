@@ -190,9 +190,9 @@ def recover(s, failed, fault_iteration: int, kwargs: dict, forward_backward_func
         seconds=time.perf_counter() - start,
         last_checkpoint_iteration=s.last_checkpoint_iteration,
     )
-    if s.last_checkpoint_iteration is not None:
-        rollback = fault_iteration - 1 - s.last_checkpoint_iteration
-        report["global_rollback_rank_iterations"] = rollback * s.world_size
-    report["global_rollback_to_window_rank_iterations"] = (
-        plan.replayed_iterations * s.world_size)
+    # What the alternatives would have replayed: every rank from the last persistent checkpoint
+    # (from the start of training if there is none), or every rank from the same window.
+    rollback = fault_iteration - 1 - (s.last_checkpoint_iteration or 0)
+    report["global_rollback_rank_iterations"] = rollback * s.world_size
+    report["global_replay_from_window_rank_iterations"] = plan.replayed_iterations * s.world_size
     return report

@@ -1,21 +1,29 @@
 """The CPU demo: ``python -m megatron_moetion.demo`` (what ``make demo`` runs).
 
 Trains a tiny MoE GPT (4 layers, hidden 64, 8 experts, top-2) with Megatron's own
-``pretrain()`` on 4 gloo processes, PP=2 x EP=2 x DP=2 with the distributed optimizer, and
-writes ``summary.json`` (path printed at the end).
+``pretrain()`` on 4 gloo processes, PP=2 x EP=2 x DP=2 with the distributed optimizer and
+MoEtion on (window 3, two buddies, a persistent checkpoint at iteration 10), twice: once
+without faults and once with a fault injected (``MOETION_FAULT_PLAN`` overrides the default),
+then compares the two runs bit for bit and writes ``summary.json`` (path printed at the end).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+from megatron_moetion.config import ENV_FAULT_PLAN
 from megatron_moetion.demo.runner import REPO_ROOT, RunConfig, run_pretrain
-from megatron_moetion.oracle import load_dump, losses_by_iteration
+from megatron_moetion.metrics import read_metrics
+from megatron_moetion.oracle import compare_dumps, load_dump, losses_by_iteration
 from megatron_moetion.reporting import snapshot_summary
+from megatron_moetion.testing.faults import FaultPlan
+
+DEFAULT_FAULT = "rank=1,iter=9,phase=bwd,kind=lose_state"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,11 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "demo",
                         help="output directory (default: runs/demo)")
-    parser.add_argument("--iters", type=int, default=12, help="training iterations (>= 2)")
+    parser.add_argument("--iters", type=int, default=12, help="training iterations (>= 4)")
     parser.add_argument("--timeout-s", type=float, default=600, help="per-run timeout")
     args = parser.parse_args(argv)
-    if args.iters < 2:
-        parser.error(f"--iters must be >= 2; got {args.iters}")
+    if args.iters < 4:
+        parser.error(f"--iters must be >= 4; got {args.iters}")
     return args
 
 
@@ -37,36 +45,63 @@ def megatron_version() -> str:
     return version("megatron-core")
 
 
-def summarize(cfg: RunConfig, run_dir: Path, seconds: float) -> dict:
-    dumps = load_dump(run_dir / "oracle")
-    losses = losses_by_iteration(dumps)
-    return {
-        "megatron_version": megatron_version(),
-        "parallel": {"tp": 1, "pp": cfg.pp, "ep": cfg.ep, "dp": cfg.dp},
-        "world_size": cfg.world_size,
-        "iterations": len(losses),
-        "losses": [losses[i] for i in sorted(losses)],
-        "wall_s": round(seconds, 1),
-        "run_dir": str(run_dir),
-        "snapshot": snapshot_summary(run_dir / "metrics", cfg.replication_factor),
-    }
+def recovery_reports(run_dir: Path) -> list[dict]:
+    """Rank 0's report of every recovery, in order."""
+    keep = ("fault_iteration", "failed", "seconds", "replayed_iterations",
+            "conversion_iterations", "catch_up_iterations", "ranks_replaying", "ranks_paused",
+            "rank_iterations_replayed", "global_rollback_rank_iterations",
+            "global_replay_from_window_rank_iterations", "bytes_pulled",
+            "bytes_shipped", "attempts", "phases", "anchor_iteration", "fallback", "reason",
+            "checkpoint_iteration", "rollback_iterations")
+    metrics = read_metrics(run_dir / "metrics").get(0, [])
+    return [{k: r[k] for k in keep if k in r} for r in metrics if r.get("kind") == "recovery"]
+
+
+def run(cfg: RunConfig, out: Path, label: str, timeout_s: float):
+    print(f"[demo] {label}: training with Megatron pretrain() (log: {out / 'log.txt'})",
+          flush=True)
+    result = run_pretrain(cfg, out, timeout_s=timeout_s, max_restarts=1)
+    if result.returncode != 0:
+        print(result.log_tail(80), file=sys.stderr)
+        print(f"[demo] {label} failed (exit code {result.returncode}); log: {result.log_path}",
+              file=sys.stderr)
+    return result
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    cfg = RunConfig(train_iters=args.iters, moetion=True, window=3)
-    print(f"[demo] training a tiny MoE GPT with Megatron pretrain(): PP={cfg.pp} EP={cfg.ep} "
-          f"DP={cfg.dp}, {cfg.train_iters} iterations (log: {args.out / 'run' / 'log.txt'})",
-          flush=True)
+    plan = FaultPlan.parse(os.environ.get(ENV_FAULT_PLAN) or DEFAULT_FAULT)
+    base = RunConfig(train_iters=args.iters, moetion=True, window=3, save_interval=10)
+    print(f"[demo] tiny MoE GPT, PP={base.pp} EP={base.ep} DP={base.dp}, {base.train_iters} "
+          f"iterations, sparse window W={base.window}; fault plan: {plan}", flush=True)
     start = time.monotonic()
-    result = run_pretrain(cfg, args.out / "run", timeout_s=args.timeout_s)
-    if result.returncode != 0:
-        print(result.log_tail(80), file=sys.stderr)
-        print(f"[demo] the run failed (exit code {result.returncode}); log: {result.log_path}",
-              file=sys.stderr)
+    clean, faulted = args.out / "fault_free", args.out / "faulted"
+    for path in (clean, faulted):
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+    if run(base, clean, "fault-free run", args.timeout_s).returncode != 0:
         return 1
-    summary = summarize(cfg, args.out / "run", time.monotonic() - start)
+    if run(base.replace(fault_plan=str(plan)), faulted, "run with faults",
+           args.timeout_s).returncode != 0:
+        return 1
+    comparison = compare_dumps(clean / "oracle", faulted / "oracle")
+    losses = losses_by_iteration(load_dump(faulted / "oracle"))
+    summary = {
+        "megatron_version": megatron_version(),
+        "parallel": {"tp": 1, "pp": base.pp, "ep": base.ep, "dp": base.dp},
+        "world_size": base.world_size,
+        "iterations": len(losses),
+        "losses": [losses[i] for i in sorted(losses)],
+        "snapshot": snapshot_summary(clean / "metrics", base.replication_factor),
+        "faults": [str(f) for f in plan.faults],
+        "recovery": recovery_reports(faulted),
+        "bitwise_identical_to_fault_free": comparison.identical,
+        "comparison": str(comparison),
+        "wall_s": round(time.monotonic() - start, 1),
+        "runs": {"fault_free": str(clean), "faulted": str(faulted)},
+    }
     path = args.out / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"[demo] losses: {', '.join(f'{x:.4f}' for x in summary['losses'])}")
@@ -75,8 +110,24 @@ def main(argv=None) -> int:
           f"iteration per rank vs {snap['dense_bytes_per_iter']} dense "
           f"({snap['ratio_to_dense']}x), median stall {snap['stall_ms_median']} ms, "
           f"{snap['replication_factor']} buddies")
+    for rec in summary["recovery"]:
+        if rec.get("fallback"):
+            print(f"[demo] recovery at iteration {rec['fault_iteration']}: fell back to the "
+                  f"checkpoint of iteration {rec.get('checkpoint_iteration')} "
+                  f"({rec.get('reason')})")
+            continue
+        print(f"[demo] recovery at iteration {rec['fault_iteration']}: ranks "
+              f"{rec['ranks_replaying']} replayed {rec['replayed_iterations']} iterations "
+              f"({rec['conversion_iterations']} conversion + {rec['catch_up_iterations']} "
+              f"catch-up) in {rec['seconds']:.2f} s while ranks {rec['ranks_paused']} paused; "
+              f"{rec['rank_iterations_replayed']} rank-iterations replayed, against "
+              f"{rec.get('global_replay_from_window_rank_iterations')} if every rank replayed "
+              f"from the same window and {rec.get('global_rollback_rank_iterations')} for a "
+              f"global rollback to the last persistent checkpoint")
+    verdict = "IDENTICAL" if comparison.identical else "DIFFERENT"
+    print(f"[demo] bitwise comparison with the fault-free run: {verdict} ({comparison})")
     print(f"[demo] summary: {path}")
-    return 0
+    return 0 if comparison.identical else 2
 
 
 if __name__ == "__main__":
