@@ -59,7 +59,7 @@ def test_newer_window_without_copies_falls_back_to_older_window():
     t = topo()
 
     def drop(h):  # nobody holds a copy of rank 0's window 1 any more
-        for x, hold in h.items():
+        for hold in h.values():
             if 0 in hold.replicas:
                 hold.replicas[0].pop(1)
         return h
