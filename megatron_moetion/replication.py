@@ -136,9 +136,13 @@ class Replicator:
         with self._lock:
             return self.store.held()
 
-    def keep_only(self, window_ids: set[int]) -> None:
+    def drop_older_than(self, window_id: int) -> None:
+        """Free every copy older than ``window_id`` (the persisted window); newer copies are
+        windows still being acknowledged and are kept."""
         with self._lock:
-            self.store.drop(window_ids, self.pool)
+            keep = {wid for copies in self.store.copies.values() for wid in copies
+                    if wid >= window_id}
+            self.store.drop(keep, self.pool)
 
     def held_bytes(self) -> int:
         with self._lock:

@@ -86,7 +86,7 @@ class WindowManager:
         old, self.persisted = self.persisted, self.shipped
         if old is not None:
             self._release(old)
-        self.replicator.keep_only({self.persisted.window_id})
+        self.replicator.drop_older_than(self.persisted.window_id)
         if self.persist is not None:
             self.persist.submit(self.persisted)
         return self.persisted

@@ -44,7 +44,7 @@ def _replicate(rank, world, corrupt_rank, windows, chunk_bytes):
         own[wid] = win
         rep.start_round(win, corrupt=(rank == corrupt_rank and wid == 1))
         assert rep.quiesce(30)
-        rep.keep_only({wid})  # keep the newest copy only
+        rep.drop_older_than(wid)  # keep the newest copy only
         if wid >= 1:
             engine.release(own.pop(wid - 1))
         allocations.append(engine.pool.allocations)

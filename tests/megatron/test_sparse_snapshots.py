@@ -57,11 +57,13 @@ def test_corrupt_copy_is_caught_and_never_persisted_and_memory_stays_flat(tmp_pa
     assert not list((tmp_path / "persist").glob("*.window1.moetion"))
     assert (tmp_path / "persist" / "rank1.window2.moetion").exists()
     for rank, records in metrics.items():
+        # host buffers come from a pool: after warm-up (and the extra window the corrupt copy
+        # kept in flight) no iteration allocates, and the memory held stays bounded
         allocations = [r["host_allocations"] for r in records]
         held = [r["host_bytes_held"] for r in records]
-        assert allocations[7:] == [allocations[7]] * len(allocations[7:]), (rank, allocations)
-        assert max(held[7:]) == max(held[4:7]) or max(held[7:]) <= max(held), (rank, held)
-        assert len(set(held[8:])) <= 2, (rank, held)
+        assert allocations[-6:] == [allocations[-6]] * 6, (rank, allocations)
+        assert allocations[-1] <= 12, (rank, allocations)
+        assert max(held[-6:]) <= max(held[:-6]), (rank, held)
 
 
 def test_bad_moetion_flags_fail_before_training(tmp_path):
