@@ -5,21 +5,23 @@ import math
 import pytest
 
 from megatron_moetion.ettr import (
-    RUN_S,
     CheckFreqScheme,
     GeminiScheme,
     MoCScheme,
     MoEtionScheme,
-    apply_measured,
     ettr_analytic,
-    ettr_table,
     expected_recovery_dense,
     expected_recovery_moetion,
     load_failure_trace,
-    paper_reported,
-    paper_setting,
     simulate,
     young_daly_interval,
+)
+from megatron_moetion.ettr_paper import (
+    RUN_S,
+    apply_measured,
+    ettr_table,
+    paper_reported,
+    paper_setting,
 )
 
 

@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[2] / "megatron_moetion"
 MEGATRON_ALLOWED = ("adapter/", "demo/pretrain_moe_cpu.py", "_compat.py", "megatron_hooks.py")
 # The pure core: plain data and arithmetic (torch tensors at most), no process groups.
 PURE = ("config.py", "errors.py", "schedule.py", "topology.py", "conversion.py",
-        "recovery_plan.py", "ettr.py", "calculator.py", "testing/faults.py", "operators.py")
+        "recovery_plan.py", "ettr.py", "ettr_paper.py", "calculator.py", "testing/faults.py", "operators.py")
 
 
 def modules():
