@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import statistics
 from collections import deque
 
@@ -149,10 +150,15 @@ class SnapshotController:
             + sum(local[n].frozen_bytes for later in slots[k + 1:] for n in later)
             for k, names in enumerate(slots)), glob.budget_bytes, glob.fits)
         by_name = {c.name: c for c in self.captures}
+        # Benchmark baseline only: MoC-System-style partial checkpoints capture each slot's
+        # operators in full and nothing else (no frozen compute weights: no exact recovery).
+        partial_only = os.environ.get("MOETION_BENCH_BASELINE") == "moc"
         self.slot_items = []
         for k in range(window):
             items = [i for name in self.schedule.active(k) for i, _ in by_name[name].active]
-            items += [i for name in self.schedule.frozen(k) for i, _ in by_name[name].frozen]
+            if not partial_only:
+                items += [i for name in self.schedule.frozen(k)
+                          for i, _ in by_name[name].frozen]
             self.slot_items.append(items)
         self.windows.open(iteration, WindowLayout.build(self.slot_items),
                           {"slots": self.schedule.slots, "slot_bytes": self.schedule.slot_bytes,

@@ -1,6 +1,6 @@
 """PNG plots for benchmark reports: ETTR against MTBF, stall per iteration, recovery phases.
 
-Every function takes plain data (``ettr.EttrRow`` objects or dicts with the same keys, or
+Every function takes plain data (``ettr_paper.EttrRow`` objects or dicts with the same keys, or
 dicts of numbers), tolerates missing or partial data (a missing value is skipped or shown as
 "n/a"; no data at all gives a figure saying so), writes one PNG and returns its path. It uses
 matplotlib's object API with the Agg canvas, so it never touches pyplot's global state.

@@ -11,7 +11,7 @@ from megatron_moetion.bench.plots import (  # noqa: E402
     plot_recovery_phases,
     plot_stall_per_iteration,
 )
-from megatron_moetion.ettr import ettr_table  # noqa: E402
+from megatron_moetion.ettr_paper import ettr_table  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
