@@ -166,9 +166,6 @@ class MoEtionConfig:
     def replication_chunk_bytes(self) -> int:
         return self.replication_chunk_mb * (1 << 20)
 
-    def with_overrides(self, **changes: Any) -> MoEtionConfig:
-        return dataclasses.replace(self, **changes)
-
 
 def _argparse_type(kind, f: dataclasses.Field):
     """Parse and check one flag's value, so argparse rejects it before training starts."""

@@ -43,11 +43,6 @@ class WindowSchedule:
     def frozen(self, slot: int) -> tuple[str, ...]:
         return tuple(name for later in self.slots[slot + 1:] for name in later)
 
-    def slot_of(self, name: str) -> int:
-        for k, names in enumerate(self.slots):
-            if name in names:
-                return k
-        raise KeyError(name)
 
     @property
     def max_slot_bytes(self) -> int:

@@ -94,12 +94,6 @@ class WindowLayout:
     def slot_bytes(self, slot: int) -> int:
         return sum(s.nbytes for s in self.slots[slot])
 
-    def matches(self, slot: int, items: Sequence[CaptureItem]) -> bool:
-        specs = self.slots[slot]
-        return len(specs) == len(items) and all(
-            s.key == i.key and s.numel == i.source.numel()
-            and s.dtype == _dtype_name(i.source.dtype) for s, i in zip(specs, items))
-
 
 @dataclass
 class Window:
@@ -119,10 +113,6 @@ class Window:
     def window(self) -> int:
         return len(self.layout.slots)
 
-    @property
-    def end_iteration(self) -> int:
-        return self.start_iteration + self.window - 1
-
     def iteration_of(self, slot: int) -> int:
         return self.start_iteration + slot
 
@@ -137,9 +127,6 @@ class Window:
 
     def items(self, slot: int) -> tuple[ItemSpec, ...]:
         return self.layout.slots[slot]
-
-    def used_bytes(self) -> int:
-        return self.layout.total_bytes
 
 
 _TENSOR_TAG = "__moetion_tensor__"

@@ -54,9 +54,6 @@ class Topology:
     def stage_of(self, rank: int) -> int:
         return self.infos[rank].stage
 
-    def ranks_in_stage(self, stage: int) -> list[int]:
-        return sorted(r for r, i in self.infos.items() if i.stage == stage)
-
     def prev_rank(self, rank: int) -> int | None:
         """The rank that sends this rank its forward activations (None on the first stage)."""
         info = self.infos[rank]

@@ -161,17 +161,6 @@ class ProcessGroupTransport:
     def recv(self, src: int, tag: int, alloc=None) -> Received:
         return self.exchange(send_to=None, parcel=None, recv_from=src, tag=tag, alloc=alloc)
 
-    def send_ints(self, dst: int, values: list[int], tag: int) -> None:
-        w, _ = self._isend(torch.tensor(values, dtype=torch.int64), dst, tag * _CHUNK_TAG_STRIDE + 3)
-        self._wait([w])
-
-    def recv_ints(self, src: int, n: int, tag: int) -> list[int]:
-        out = torch.zeros(n, dtype=torch.int64)
-        w, staged = self._irecv(out, src, tag * _CHUNK_TAG_STRIDE + 3)
-        self._wait([w])
-        if staged is not None:
-            out.copy_(staged[1])
-        return [int(x) for x in out]
 
     def exchange_ints(self, *, send_to: int | None, values: list[int] | None,
                       recv_from: int | None, n: int, tag: int) -> list[int] | None:

@@ -90,11 +90,6 @@ class LogStore:
             self.stream.synchronize()
 
     # --------------------------------------------------------------- reading
-    def boundary_for(self, iteration: int, direction: str) -> dict[int, torch.Tensor]:
-        """Micro-batch -> tensor sent in ``direction`` during ``iteration`` (chunk 0)."""
-        return {mb: t for (it, mb, _, d), t in self.boundary.items()
-                if it == iteration and d == direction}
-
     def data_for(self, iteration: int) -> list:
         items = sorted((idx, v) for (it, idx), v in self.data.items() if it == iteration)
         return [v for _, v in items]

@@ -22,8 +22,9 @@ from megatron_moetion.bench.plots import (
     plot_recovery_phases,
     plot_stall_per_iteration,
 )
-from megatron_moetion.bench.runs import RunStats, bench_config, run_scheme, young_daly_interval
+from megatron_moetion.bench.runs import RunStats, bench_config, run_scheme
 from megatron_moetion.demo.runner import REPO_ROOT
+from megatron_moetion.ettr import young_daly_interval
 from megatron_moetion.ettr_paper import ettr_table
 from megatron_moetion.oracle import compare_dumps
 
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
     calib = run_scheme(base, "checkfreq", out / "checkfreq", window=args.window,
                        checkfreq_interval=2)
     iter_ms = _med(runs["none"], "iter_ms")
-    interval = young_daly_interval((calib.save_ms or 0) / 1e3, args.mtbf_s, iter_ms / 1e3)
+    interval = max(1, round(young_daly_interval((calib.save_ms or 0) / 1e3, args.mtbf_s,
+                                                iter_ms / 1e3)))
     per_iter = {
         "none": {"stall_ms": 0.0, "bytes": 0, "host_bytes": 0},
         "checkfreq": {"stall_ms": (calib.save_ms or 0) / interval, "bytes": None,

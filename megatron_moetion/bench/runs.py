@@ -16,7 +16,6 @@ CPU; only the checkpointing differs:
 
 from __future__ import annotations
 
-import math
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -77,11 +76,6 @@ def parse_run(scheme: str, out: Path, ok: bool, seconds: float) -> RunStats:
                                     for r in per_iter])
     stats.recoveries = [r for r in metrics.get(0, []) if r.get("kind") == "recovery"]
     return stats
-
-
-def young_daly_interval(save_s: float, mtbf_s: float, iter_s: float) -> int:
-    """Checkpoint every sqrt(2 * T_ckpt * MTBF) / T_iter iterations (at least 1)."""
-    return max(1, round(math.sqrt(2 * save_s * mtbf_s) / iter_s))
 
 
 def scheme_config(base: RunConfig, scheme: str, window: int, checkfreq_interval: int,
