@@ -77,6 +77,9 @@ def megatron_flags(cfg: RunConfig, out_dir: Path) -> list[str]:
         "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", 1e-2,
         "--distributed-backend", "gloo", "--untie-embeddings-and-output-weights",
         "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", 128,
+        # data in the main process: a data-loader worker forked from a rank that already runs
+        # gloo threads can deadlock in fork (seen once in ~50 runs, stuck in os.fork)
+        "--num-workers", 0,
         "--transformer-impl", "local", "--no-gradient-accumulation-fusion",
         "--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
         "--no-rope-fusion", "--no-persist-layer-norm", "--use-cpu-initialization",

@@ -1,8 +1,9 @@
 """Launch multi-process runs on free ports, with a timeout and no stray processes left behind.
 
 ``free_port()`` asks the OS for an unused port. ``run_torchrun()`` starts torchrun in its own
-process group and kills the whole group if the run outlives its timeout, so a hung rank never
-outlives the test that started it.
+process group; if the run outlives its timeout, it kills torchrun's group and every descendant
+with its own group (torchrun starts each worker in a new session, and the workers fork data
+loader processes), so a hung rank never outlives the test that started it.
 """
 
 from __future__ import annotations
@@ -38,11 +39,46 @@ class RunResult:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, from the parent links in /proc (empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s group, each descendant and each descendant's group."""
+    pids = descendants(proc.pid)  # before the kill: orphans lose their link to proc
+    groups = {proc.pid}
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    groups.discard(os.getpgrp())  # never our own
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     proc.wait()
 
 
@@ -59,10 +95,10 @@ def run_command(cmd: list[str], *, log_path: str | os.PathLike, timeout_s: float
             rc = proc.wait(timeout=timeout_s)
             timed_out = False
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            _kill_tree(proc)
             rc, timed_out = -9, True
         except BaseException:
-            _kill_group(proc)
+            _kill_tree(proc)
             raise
         finally:
             # torchrun normally reaps its workers; make sure nothing in the group survives.
