@@ -142,12 +142,35 @@ class MoEtionConfig:
         ),
     )
 
+    heartbeat_interval_s: float = field(
+        default=1.0,
+        metadata=_help(
+            "Seconds between a rank's liveness heartbeats (a background thread writes them to "
+            "the job's rendezvous store).",
+            allowed=(lambda v: v > 0, "> 0"),
+        ),
+    )
+    detect_timeout_s: float = field(
+        default=30.0,
+        metadata=_help(
+            "A rank whose heartbeat has not changed for this many seconds is declared dead "
+            "(killed, or stopped answering); every rank then stops within about one heartbeat "
+            "and the job restarts from the last persistent checkpoint. At least twice "
+            "--moetion-heartbeat-interval-s.",
+            allowed=(lambda v: v > 0, "> 0"),
+        ),
+    )
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             allowed = f.metadata.get("allowed")
             if allowed is not None and not allowed[0](getattr(self, f.name)):
                 raise ConfigError(f"{flag_name(f)} must be {allowed[1]}; got "
                                   f"{getattr(self, f.name)!r}")
+        if self.detect_timeout_s < 2 * self.heartbeat_interval_s:
+            raise ConfigError(
+                f"--moetion-detect-timeout-s must be at least twice --moetion-heartbeat-"
+                f"interval-s ({2 * self.heartbeat_interval_s:g}); got {self.detect_timeout_s:g}")
         if not self.enabled:
             # Fault plans and sparse-checkpoint settings need MoEtion itself; silently
             # ignoring them would let a user believe they are protected.

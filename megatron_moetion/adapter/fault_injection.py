@@ -1,7 +1,10 @@
 """Deterministic fault injection into a live Megatron rank (``--moetion-fault-plan``).
 
 ``FaultInjector.due(phase, iteration)`` returns the planned faults of this rank that fire now
-(each fires once). ``wipe_rank_state`` carries out ``lose_state``: it overwrites the model's
+(each fires once per job: a fired fault is appended to ``<save>/moetion_faults_fired.jsonl``,
+and a job restarted from its checkpoint does not fire it again). ``terminate_self`` carries out
+``kill`` (SIGKILL of this worker) and ``hang`` (SIGSTOP: every thread of the process stops, it
+answers nothing, until something kills it). ``wipe_rank_state`` carries out ``lose_state``: it overwrites the model's
 parameters and buffers, the optimizer's main weights and state, the LR scheduler's counters and
 the RNG streams with garbage (NaN, where a dtype allows it), so anything recovery fails to
 restore shows up in the bitwise comparison. The caller also drops the rank's snapshots, the
@@ -10,7 +13,11 @@ replicas it holds and its logs. The process and its process groups stay up.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import sys
 
 import torch
 
@@ -23,9 +30,12 @@ logger = logging.getLogger(__name__)
 class FaultInjector:
     """This rank's part of a fault plan."""
 
-    def __init__(self, plan: FaultPlan, rank: int, world_size: int):
+    def __init__(self, plan: FaultPlan, rank: int, world_size: int, fired_log: str = ""):
         plan.validate_world(world_size)
-        self.pending = plan.for_rank(rank)
+        self.fired_log = fired_log
+        already = fired_faults(fired_log)
+        self.pending = [f for f in plan.for_rank(rank) if str(f) not in already]
+        self.skipped = len(plan.for_rank(rank)) - len(self.pending)
         self.fired: list[tuple[Fault, int]] = []
 
     def due(self, phase: str, iteration: int, *, at_or_after: bool = False) -> list[Fault]:
@@ -36,7 +46,35 @@ class FaultInjector:
             self.pending.remove(f)
             self.fired.append((f, iteration))
             logger.warning("[moetion] injecting fault %s (at iteration %d)", f, iteration)
+            if self.fired_log:
+                os.makedirs(os.path.dirname(self.fired_log) or ".", exist_ok=True)
+                line = json.dumps({"fault": str(f), "iteration": iteration}) + "\n"
+                fd = os.open(self.fired_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, line.encode())  # one small O_APPEND write: ranks never mix
+                finally:
+                    os.close(fd)
         return hits
+
+
+FIRED_LOG = "moetion_faults_fired.jsonl"
+
+
+def fired_faults(path: str) -> set[str]:
+    """The faults (as text) already fired by earlier attempts of this job."""
+    if not path or not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        return {json.loads(line)["fault"] for line in f if line.strip()}
+
+
+def terminate_self(kind: str) -> None:
+    """``kill``: SIGKILL this process; ``hang``: SIGSTOP it (it never resumes by itself)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
+    signal.pause()  # not reached for kill; a stopped process never gets here either
 
 
 _GARBAGE = torch.Generator().manual_seed(0xBAD)

@@ -32,7 +32,14 @@ import torch.distributed as dist
 from megatron_moetion.adapter import training_state as ts
 from megatron_moetion.adapter.capture import build_captures
 from megatron_moetion.adapter.discovery import discover_operators
-from megatron_moetion.adapter.fault_injection import FaultInjector, wipe_rank_state
+from megatron_moetion.adapter.failure_detection import FailureDetector
+from megatron_moetion.adapter.fault_injection import (
+    FIRED_LOG,
+    FaultInjector,
+    fired_faults,
+    terminate_self,
+    wipe_rank_state,
+)
 from megatron_moetion.adapter.optimizer_probe import OptimizerProbe
 from megatron_moetion.adapter.replay_io import (
     FlowControl,
@@ -126,15 +133,15 @@ class MoEtionSession:
         self.probe = OptimizerProbe(optimizer)
         self.p2p = None  # built on first use (needs the model config)
         self.metrics = MetricsWriter(cfg.metrics_file, self.rank)
-        from megatron_moetion.adapter.recovery import fallbacks_recorded
-
-        restarted = (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-                     or bool(fallbacks_recorded(getattr(args, "load", None))))
-        if restarted and cfg.fault_plan and self.rank == 0:
-            logger.warning("[moetion] this job was restarted after a fallback; the fault plan "
-                           "was applied to the first attempt and is not applied again")
+        # A fault fires once per job: one that fired before a restart is not fired again.
+        save = getattr(args, "save", None)
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         self.faults = FaultInjector(FaultPlan() if restarted else FaultPlan.parse(cfg.fault_plan),
-                                    self.rank, self.world_size)
+                                    self.rank, self.world_size,
+                                    fired_log=os.path.join(save, FIRED_LOG) if save else "")
+        if self.faults.skipped and self.rank == 0:
+            logger.warning("[moetion] this job was restarted; %d planned fault(s) of rank 0 "
+                           "fired before and are not fired again", self.faults.skipped)
         self.debug_dir = os.environ.get("MOETION_DEBUG_DUMP_DIR", "")  # tests only
         self.agreed = Agreement((), -1, -1, 1)
         self.last_checkpoint_iteration = last_checkpoint_iteration
@@ -148,6 +155,9 @@ class MoEtionSession:
         self._start_state = None
         self._iter: dict = {}
         self._stall = 0.0
+        self.detector = FailureDetector(self)
+        self.detector.start()
+        self._report_restart()
         if self.rank == 0:
             logger.warning("[moetion] on: %d operators on rank 0, %d buddies per rank, copy "
                            "bandwidth %.2f GB/s", len(self.bindings), self.topology.num_buddies,
@@ -160,11 +170,32 @@ class MoEtionSession:
 
     # ------------------------------------------------------------------ faults
     def fire(self, phase: str, **kwargs) -> None:
+        self.detector.progress(self.iteration, phase)
         for fault in self.faults.due(phase, self.iteration, **kwargs):
-            if fault.kind == "lose_state":
-                self.lose_state()
-            elif fault.kind == "corrupt_replica":
-                self._corrupt_next_round = True
+            self._carry_out(fault)
+
+    def _carry_out(self, fault) -> None:
+        if fault.kind == "lose_state":
+            self.lose_state()
+        elif fault.kind == "corrupt_replica":
+            self._corrupt_next_round = True
+        elif fault.kind in ("kill", "hang"):
+            terminate_self(fault.kind)
+
+    def _report_restart(self) -> None:
+        """On a job restarted from its checkpoint after a failure: report the rollback (the
+        last fallback MoEtion recorded, and the planned faults that fired before)."""
+        from megatron_moetion.adapter.recovery import fallbacks_recorded
+
+        load = getattr(self.args, "load", None)
+        history = fallbacks_recorded(load)
+        fired = sorted(fired_faults(os.path.join(load, FIRED_LOG))) if load else []
+        if (history or fired) and self.last_checkpoint_iteration is not None:
+            self.metrics.write({"rank": self.rank, "kind": "restart",
+                                "checkpoint_iteration": self.last_checkpoint_iteration,
+                                "fallbacks_before": len(history),
+                                "last_fallback": history[-1] if history else None,
+                                "faults_fired_before": fired})
 
     def lose_state(self) -> None:
         """Carry out a ``lose_state`` fault: this rank forgets everything it held."""
@@ -347,17 +378,18 @@ class MoEtionSession:
             self.first_iteration = iteration
             self.snapshots.next_window_start = iteration + 1  # the first window needs an
             # agreement (world-wide window size) and the optimizer state of a first step
-        lose_after = False
+        self.detector.progress(iteration, "train")
+        fail_after = []
         if self.snapshots.closes_now(iteration):  # a replication round starts now
             for fault in self.faults.due("replication", iteration, at_or_after=True):
                 if fault.kind == "corrupt_replica":
                     self._corrupt_next_round = True
                 else:
-                    lose_after = True
+                    fail_after.append(fault)
         corrupt, self._corrupt_next_round = self._corrupt_next_round, False
         out = self.snapshots.boundary(iteration, self.agreed, corrupt)
-        if lose_after:
-            self.lose_state()  # while the round runs: its copies may or may not arrive
+        for fault in fail_after:
+            self._carry_out(fault)  # while the round runs: its copies may or may not arrive
         if "persisted_start" in out:
             self.logs.truncate(out.pop("persisted_start"))
         self._iter.update(out)
@@ -451,6 +483,7 @@ class MoEtionSession:
         if getattr(self, "_closed", False):
             return
         self._closed = True
+        self.detector.stop()  # a finished rank is not a dead one
         self.snapshots.close()
         self.replicator.close(self.cfg.timeout_s)
         if self.persist is not None:

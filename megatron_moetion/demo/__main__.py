@@ -46,15 +46,21 @@ def megatron_version() -> str:
 
 
 def recovery_reports(run_dir: Path) -> list[dict]:
-    """Rank 0's report of every recovery, in order."""
-    keep = ("fault_iteration", "failed", "seconds", "replayed_iterations",
-            "conversion_iterations", "catch_up_iterations", "ranks_replaying", "ranks_paused",
-            "rank_iterations_replayed", "global_rollback_rank_iterations",
-            "global_replay_from_window_rank_iterations", "bytes_pulled",
-            "bytes_shipped", "attempts", "phases", "anchor_iteration", "fallback", "reason",
-            "checkpoint_iteration", "rollback_iterations")
-    metrics = read_metrics(run_dir / "metrics").get(0, [])
-    return [{k: r[k] for k in keep if k in r} for r in metrics if r.get("kind") == "recovery"]
+    """Every recovery and restart, in order, from the rank that saw most of them (every rank
+    reports each in-memory recovery and restart; a dead rank does not report its own death)."""
+    keep = ("kind", "cause", "fault_iteration", "failed", "seconds", "detection_s",
+            "replayed_iterations", "conversion_iterations", "catch_up_iterations",
+            "ranks_replaying", "ranks_paused", "rank_iterations_replayed",
+            "global_rollback_rank_iterations", "global_replay_from_window_rank_iterations",
+            "bytes_pulled", "bytes_shipped", "attempts", "phases", "anchor_iteration",
+            "fallback", "reason", "checkpoint_iteration", "rollback_iterations",
+            "faults_fired_before")
+    per_rank = {rank: [{k: r[k] for k in keep if k in r} for r in records
+                       if r.get("kind") in ("recovery", "restart")]
+                for rank, records in read_metrics(run_dir / "metrics").items()}
+    if not per_rank:
+        return []
+    return max(sorted(per_rank.items()), key=lambda item: len(item[1]))[1]
 
 
 def run(cfg: RunConfig, out: Path, label: str, timeout_s: float):
@@ -71,7 +77,10 @@ def run(cfg: RunConfig, out: Path, label: str, timeout_s: float):
 def main(argv=None) -> int:
     args = parse_args(argv)
     plan = FaultPlan.parse(os.environ.get(ENV_FAULT_PLAN) or DEFAULT_FAULT)
-    base = RunConfig(train_iters=args.iters, moetion=True, window=3, save_interval=10)
+    # a rank that stops answering (kind=hang) is declared dead after 5 s
+    base = RunConfig(train_iters=args.iters, moetion=True, window=3, save_interval=10,
+                     extra_flags=("--moetion-heartbeat-interval-s", "0.5",
+                                  "--moetion-detect-timeout-s", "5"))
     print(f"[demo] tiny MoE GPT, PP={base.pp} EP={base.ep} DP={base.dp}, {base.train_iters} "
           f"iterations, sparse window W={base.window}; fault plan: {plan}", flush=True)
     start = time.monotonic()
@@ -111,6 +120,16 @@ def main(argv=None) -> int:
           f"({snap['ratio_to_dense']}x), median stall {snap['stall_ms_median']} ms, "
           f"{snap['replication_factor']} buddies")
     for rec in summary["recovery"]:
+        if rec["kind"] == "restart":
+            print(f"[demo] the job restarted from the checkpoint of iteration "
+                  f"{rec['checkpoint_iteration']} (faults fired before: "
+                  f"{'; '.join(rec.get('faults_fired_before') or []) or 'none'})")
+            continue
+        if rec.get("cause") == "process_failure":
+            print(f"[demo] {rec['reason']}; detected after {rec['detection_s']:.1f} s, every "
+                  f"rank stopped for a restart from the checkpoint of iteration "
+                  f"{rec.get('checkpoint_iteration')}")
+            continue
         if rec.get("fallback"):
             print(f"[demo] recovery at iteration {rec['fault_iteration']}: fell back to the "
                   f"checkpoint of iteration {rec.get('checkpoint_iteration')} "

@@ -123,24 +123,32 @@ def run_pretrain(cfg: RunConfig, out_dir: str | os.PathLike, *, timeout_s: float
                  env: dict[str, str] | None = None, max_restarts: int = 0) -> RunResult:
     """Launch one run; its log is ``out_dir/log.txt`` and its oracle dump ``out_dir/oracle``.
 
-    ``max_restarts`` plays the cluster scheduler: when MoEtion stopped the job to fall back to
-    the last persistent checkpoint (it records that in ``<save>/moetion_fallback.json``), the
-    job is launched again with the same flags and Megatron's ``--load`` resumes it. (torchrun's
-    own ``--max-restarts`` cannot do this with gloo on torch 2.13: the restarted workers try to
+    ``max_restarts`` plays the cluster scheduler that requeues a failed job: when the job
+    failed after MoEtion fell back to the last persistent checkpoint (it records that in
+    ``<save>/moetion_fallback.json``), or after a planned fault fired (a ``kill`` ends the job
+    through torchrun before anyone can record anything; fired faults are in
+    ``<save>/moetion_faults_fired.jsonl``), and a checkpoint exists, the job is launched again
+    with the same flags and Megatron's ``--load`` resumes it. (torchrun's own
+    ``--max-restarts`` cannot do this with gloo on torch 2.13: the restarted workers try to
     connect to the first attempt's addresses.)
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    marker = out_dir / "ckpt" / "moetion_fallback.json"
+    ckpt = out_dir / "ckpt"
+    watched = (ckpt / "moetion_fallback.json", ckpt / "moetion_faults_fired.jsonl")
+
+    def stamp():
+        return tuple(p.stat().st_mtime_ns if p.exists() else None for p in watched)
+
     seconds = 0.0
     for _attempt in range(max_restarts + 1):
-        before = marker.stat().st_mtime_ns if marker.exists() else None
+        before = stamp()
         result = run_torchrun(DRIVER, cfg.world_size, megatron_flags(cfg, out_dir),
                               log_path=out_dir / "log.txt", timeout_s=timeout_s - seconds,
                               env=run_env(env), python=sys.executable)
         seconds += result.seconds
-        after = marker.stat().st_mtime_ns if marker.exists() else None
-        if result.returncode == 0 or result.timed_out or after == before:
+        if (result.returncode == 0 or result.timed_out or stamp() == before
+                or not (ckpt / "latest_checkpointed_iteration.txt").exists()):
             break
     result.seconds = seconds
     return result

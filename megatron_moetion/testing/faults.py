@@ -17,7 +17,10 @@ A plan is text, from ``--moetion-fault-plan`` or ``MOETION_FAULT_PLAN``::
 
 Kinds: ``lose_state`` wipes the rank's model, optimizer state, snapshots, the replicas it
 holds and its logs while its process and process groups stay up; ``corrupt_replica`` flips
-bytes in the copy of the window the rank sends to its first buddy (the buddy must detect it).
+bytes in the copy of the window the rank sends to its first buddy (the buddy must detect it);
+``kill`` SIGKILLs the rank's process; ``hang`` SIGSTOPs it (it stops answering; the rank that
+detects it kills it). After a ``kill`` or ``hang`` the job restarts from the last persistent
+checkpoint (survivors keeping their state is not built yet).
 """
 
 from __future__ import annotations
@@ -29,8 +32,6 @@ from megatron_moetion.errors import FaultPlanError
 
 PHASES = ("fwd", "bwd", "step", "snapshot", "replication", "recovery")
 KINDS = ("lose_state", "corrupt_replica", "kill", "hang")
-# Kinds the runtime can inject today; the others parse but are refused with a clear error.
-IMPLEMENTED_KINDS = ("lose_state", "corrupt_replica")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,11 +136,6 @@ def _make(rank, iteration, phase, kind, entry) -> Fault:
     if kind not in KINDS:
         raise FaultPlanError(
             f"fault plan entry '{entry}': kind must be one of {', '.join(KINDS)}; got {kind!r}"
-        )
-    if kind not in IMPLEMENTED_KINDS:
-        raise FaultPlanError(
-            f"fault plan entry '{entry}': kind={kind} is not implemented yet (real process "
-            f"failures); implemented: {', '.join(IMPLEMENTED_KINDS)}"
         )
     if kind == "corrupt_replica" and phase != "replication":
         raise FaultPlanError(

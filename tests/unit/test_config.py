@@ -14,6 +14,7 @@ EXPECTED_FLAGS = {
     "--moetion-fault-plan", "--moetion-metrics-file", "--moetion-persist-dir",
     "--moetion-oracle-dir", "--moetion-reorder-threshold", "--moetion-reorder-fraction",
     "--moetion-popularity-window-iters", "--moetion-replication-chunk-mb", "--moetion-timeout-s",
+    "--moetion-heartbeat-interval-s", "--moetion-detect-timeout-s",
 }
 
 

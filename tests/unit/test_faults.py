@@ -13,6 +13,13 @@ def test_parse_several_faults():
     assert FaultPlan.parse(str(plan)) == plan
 
 
+def test_process_failure_kinds_parse_in_every_phase():
+    for phase in ("fwd", "bwd", "step", "snapshot", "replication", "recovery"):
+        for kind in ("kill", "hang"):
+            (fault,) = FaultPlan.parse(f"rank=1,iter=4,phase={phase},kind={kind}").faults
+            assert (fault.phase, fault.kind) == (phase, kind)
+
+
 def test_empty_plan_is_falsy():
     assert not FaultPlan.parse("")
     assert not FaultPlan.parse(" ; ")
@@ -46,3 +53,15 @@ def test_rank_outside_the_world():
     plan = FaultPlan.parse("rank=4,iter=3")
     with pytest.raises(FaultPlanError, match=r"rank must be in \[0, 3\]"):
         plan.validate_world(4)
+
+
+def test_a_fault_fires_once_per_job_across_restarts(tmp_path):
+    from megatron_moetion.adapter.fault_injection import FaultInjector
+
+    plan = FaultPlan.parse("rank=1,iter=4,phase=fwd,kind=kill;rank=1,iter=9,phase=bwd,kind=hang")
+    log = str(tmp_path / "ckpt" / "moetion_faults_fired.jsonl")
+    first = FaultInjector(plan, 1, 4, fired_log=log)
+    assert [str(f) for f in first.due("fwd", 4)] == ["rank=1,iter=4,phase=fwd,kind=kill"]
+    restarted = FaultInjector(plan, 1, 4, fired_log=log)  # the job came back from its checkpoint
+    assert restarted.skipped == 1 and restarted.due("fwd", 4) == []
+    assert [f.iteration for f in restarted.due("bwd", 9)] == [9]
