@@ -18,6 +18,7 @@
 #   MOETION_ARGS   MOETION=1 (0: MoEtion off) MOETION_WINDOW=0 (automatic)
 #                  MOETION_REPLICATION_FACTOR=2 MOETION_METRICS_FILE MOETION_PERSIST_DIR
 #                  MOETION_FAULT_PLAN (also read by the workers themselves)
+#                  MOETION_DETECT_TIMEOUT_S (seconds of silence before a rank is declared dead)
 #   LAUNCH         MEGATRON_DIR (the patched Megatron-LM checkout) GPUS_PER_NODE=8 NNODES=1
 #                  NODE_RANK=0 MASTER_ADDR=localhost MASTER_PORT=6000 TORCHRUN=torchrun
 #
@@ -81,6 +82,7 @@ if [[ -z ${MOETION_ARGS:-} ]]; then
 --moetion-replication-factor ${MOETION_REPLICATION_FACTOR:-2}"
     [[ -n ${MOETION_METRICS_FILE:-} ]] && MOETION_ARGS+=" --moetion-metrics-file ${MOETION_METRICS_FILE}"
     [[ -n ${MOETION_PERSIST_DIR:-} ]] && MOETION_ARGS+=" --moetion-persist-dir ${MOETION_PERSIST_DIR}"
+    [[ -n ${MOETION_DETECT_TIMEOUT_S:-} ]] && MOETION_ARGS+=" --moetion-detect-timeout-s ${MOETION_DETECT_TIMEOUT_S}"
   fi
 fi
 LOG_ARGS=${LOG_ARGS:-"--log-interval 10 --eval-interval 1000 --eval-iters 10"}

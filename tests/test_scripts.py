@@ -49,6 +49,8 @@ def test_environment_overrides_values_and_whole_blocks():
 
 def test_moetion_can_be_turned_off_and_data_path_needs_a_tokenizer():
     assert "--moetion" not in pretrain("--dry-run", MOETION=0).stdout
+    assert "--moetion-detect-timeout-s 12" in pretrain("--dry-run",
+                                                       MOETION_DETECT_TIMEOUT_S="12").stdout
     out = pretrain("--dry-run", DATA_PATH="/data/x")
     assert out.returncode != 0 and "TOKENIZER_MODEL" in out.stderr
 
