@@ -1,14 +1,15 @@
 """Deterministic fault injection into a live Megatron rank (``--moetion-fault-plan``).
 
-``FaultInjector.due(phase, iteration)`` returns the planned faults of this rank that fire now
-(each fires once per job: a fired fault is appended to ``<save>/moetion_faults_fired.jsonl``,
-and a job restarted from its checkpoint does not fire it again). ``terminate_self`` carries out
-``kill`` (SIGKILL of this worker) and ``hang`` (SIGSTOP: every thread of the process stops, it
-answers nothing, until something kills it). ``wipe_rank_state`` carries out ``lose_state``: it overwrites the model's
-parameters and buffers, the optimizer's main weights and state, the LR scheduler's counters and
-the RNG streams with garbage (NaN, where a dtype allows it), so anything recovery fails to
-restore shows up in the bitwise comparison. The caller also drops the rank's snapshots, the
-replicas it holds and its logs. The process and its process groups stay up.
+``FaultInjector.due(phase, iteration)`` returns the planned faults of this rank that fire now.
+Each fires once per job: a fired fault is appended to ``<save>/moetion_faults_fired.jsonl``, and
+a job restarted from its checkpoint does not fire it again. ``terminate_self`` carries out
+``kill`` (SIGKILL of this worker) and ``hang`` (SIGSTOP: every thread of the process stops and
+it answers nothing until something kills it). ``wipe_rank_state`` carries out ``lose_state``:
+it overwrites the model's parameters and buffers, the optimizer's main weights and state, the LR
+scheduler's counters and the RNG streams with garbage (NaN, where a dtype allows it), so
+anything recovery fails to restore shows up in the bitwise comparison. The caller also drops the
+rank's snapshots, the replicas it holds and its logs. The process and its process groups stay
+up.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class FaultInjector:
     def __init__(self, plan: FaultPlan, rank: int, world_size: int, fired_log: str = ""):
         plan.validate_world(world_size)
         self.fired_log = fired_log
-        already = fired_faults(fired_log)
-        self.pending = [f for f in plan.for_rank(rank) if str(f) not in already]
+        self.fired_before = sorted(fired_faults(fired_log))  # by any rank, earlier attempts
+        self.pending = [f for f in plan.for_rank(rank) if str(f) not in self.fired_before]
         self.skipped = len(plan.for_rank(rank)) - len(self.pending)
         self.fired: list[tuple[Fault, int]] = []
 

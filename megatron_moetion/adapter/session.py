@@ -36,7 +36,6 @@ from megatron_moetion.adapter.failure_detection import FailureDetector
 from megatron_moetion.adapter.fault_injection import (
     FIRED_LOG,
     FaultInjector,
-    fired_faults,
     terminate_self,
     wipe_rank_state,
 )
@@ -187,9 +186,8 @@ class MoEtionSession:
         last fallback MoEtion recorded, and the planned faults that fired before)."""
         from megatron_moetion.adapter.recovery import fallbacks_recorded
 
-        load = getattr(self.args, "load", None)
-        history = fallbacks_recorded(load)
-        fired = sorted(fired_faults(os.path.join(load, FIRED_LOG))) if load else []
+        history = fallbacks_recorded(getattr(self.args, "load", None))
+        fired = self.faults.fired_before
         if (history or fired) and self.last_checkpoint_iteration is not None:
             self.metrics.write({"rank": self.rank, "kind": "restart",
                                 "checkpoint_iteration": self.last_checkpoint_iteration,
