@@ -141,11 +141,13 @@ class Liveness:
         return self.verdict
 
     def settle(self, verdict: Verdict, wait_s: float | None = None) -> int:
-        """Acknowledge the verdict and wait (by default up to three heartbeats) until every
-        survivor has: the first to exit ends the job under torchrun, before the others could
-        report. Returns how many acknowledged."""
+        """Acknowledge the verdict and wait (by default up to three heartbeats, at least 2 s)
+        until every survivor has: the first to exit ends the job under torchrun, before the
+        others could report. Returns how many acknowledged."""
         expected = self.world_size - len(verdict.dead)
-        deadline = time.monotonic() + (3 * self.interval_s if wait_s is None else wait_s)
+        if wait_s is None:
+            wait_s = max(3 * self.interval_s, 2.0)
+        deadline = time.monotonic() + wait_s
         try:
             count = self.store.add(self._key("acks"), 1)
             while count < expected and time.monotonic() < deadline:
