@@ -14,7 +14,7 @@ Each rank runs one background thread that, every ``interval_s``:
 Declaring: one scan of every heartbeat names all ranks silent for longer than the timeout (by
 wall time, for the report only), the declaring rank wins a compare-and-set on ``claim`` (so
 exactly one rank acts for the job: ``on_declare``, e.g. fencing and recording the fallback),
-then publishes the verdict. A store that stops answering is itself a verdict (its host died).
+then publishes the verdict. A store that stops answering for longer than the timeout is itself a verdict (its host died).
 Load on the store: per interval, one write and three reads per rank. Before exiting, each
 survivor acknowledges the verdict and waits briefly for the others' acknowledgements, so that
 all of them have reported before the launcher tears the job down.
@@ -105,6 +105,7 @@ class Liveness:
         self._watched: int | None = None
         self._last_value: str | None = None
         self._last_change = clock()
+        self._store_failing_since: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._host, self._pid = socket.gethostname(), os.getpid()
@@ -169,8 +170,16 @@ class Liveness:
             return self.verdict
         try:
             verdict = self._tick()
-        except Exception as exc:  # noqa: BLE001 - any store error means the store is gone
+            self._store_failing_since = None
+        except Exception as exc:  # noqa: BLE001 - any store error may mean the store is gone
+            # only after the detect timeout: a hiccup is not a death, and at the normal end of
+            # a job whose store lives in rank 0 the others stop their heartbeats in the meantime
+            if self._store_failing_since is None:
+                self._store_failing_since = self.clock()
+            if self.clock() - self._store_failing_since <= self.timeout_s:
+                return None
             verdict = Verdict([], declared_by=self.rank, declared_wall=self.wall(),
+                              silent_s=self.clock() - self._store_failing_since,
                               reason=f"the job's rendezvous store stopped answering "
                                      f"({type(exc).__name__}: {exc})")
         if verdict is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 
@@ -15,16 +16,22 @@ class MetricsWriter:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a") if self.path is not None else None  # noqa: SIM115
+        self._lock = threading.Lock()  # the failure detector writes from its own thread
 
     def write(self, record: dict) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(record, sort_keys=True) + "\n")
-            self._file.flush()
+        if self._file is None:
+            return
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with self._lock:
+            if self._file is not None:
+                self._file.write(line)
+                self._file.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 def read_metrics(directory: str | os.PathLike) -> dict[int, list[dict]]:

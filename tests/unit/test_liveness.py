@@ -131,9 +131,24 @@ def test_a_store_that_stops_answering_is_a_verdict():
     store, clock, ranks, seen, _ = make(2)
     tick(ranks, clock, range(2))
     store.broken = True
-    tick(ranks, clock, [0])
+    tick(ranks, clock, [0], seconds=2.0)
+    assert seen[0] == []  # a hiccup shorter than the timeout is not a verdict
+    tick(ranks, clock, [0], seconds=2.0)
+    assert seen[0] == []
+    tick(ranks, clock, [0], seconds=2.0)  # failing for 4 s > 3 s
     (verdict,) = seen[0]
     assert verdict.dead == [] and "rendezvous store stopped answering" in verdict.describe()
+
+
+def test_a_store_that_recovers_is_not_a_verdict():
+    store, clock, ranks, seen, _ = make(2)
+    tick(ranks, clock, range(2))
+    store.broken = True
+    tick(ranks, clock, range(2), seconds=2.0)
+    store.broken = False
+    for _ in range(5):
+        tick(ranks, clock, range(2), seconds=1.0)
+    assert not any(seen.values())
 
 
 def test_verdict_round_trips_through_json():
