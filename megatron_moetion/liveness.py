@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -100,6 +101,8 @@ class Liveness:
         self.clock, self.wall = clock, wall
         self.iteration, self.phase = 0, "setup"
         self.verdict: Verdict | None = None
+        self.waiting_after: str | None = None  # the collective error this rank waits after
+        self.handled = threading.Event()  # on_failure returned (it normally exits instead)
         self._seq = 0
         self._dead: set[int] = set()
         self._watched: int | None = None
@@ -184,7 +187,8 @@ class Liveness:
                                      f"({type(exc).__name__}: {exc})")
         if verdict is not None:
             self.verdict = verdict
-            self.on_failure(verdict)
+            self.on_failure(verdict)  # normally reports and exits the process
+            self.handled.set()
         return verdict
 
     def _tick(self) -> Verdict | None:
@@ -242,3 +246,37 @@ class Liveness:
         self.store.set(self._key("failure"), verdict.to_json())
         return verdict
 
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    """Errors a collective raises when a peer died (gloo/NCCL transport, timeouts, the store)."""
+    if type(exc).__name__ in ("DistError", "DistBackendError", "DistNetworkError",
+                              "DistStoreError"):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        k in text for k in ("gloo", "NCCL", "Connection reset", "Connection closed",
+                            "Timed out", "Broken pipe"))
+
+
+def wait_for_verdict_on_collective_errors(liveness: Liveness, wait_s: float) -> None:
+    """Install a ``sys.excepthook``: a collective error that escapes the main thread (a peer
+    died under it) waits up to ``wait_s`` for the liveness verdict before the process dies. The
+    rank keeps beating meanwhile, so no peer takes it for dead, and the verdict's
+    ``on_failure`` (which reports and exits) names only the rank that really died. Any other
+    exception goes straight to the previous hook."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if not liveness._stop.is_set() and _is_collective_failure(value):
+            if liveness.verdict is None:
+                liveness.waiting_after = f"{kind.__name__}: {value}"
+                logger.error("[moetion] rank %d: a collective failed (%s: %s); waiting up to "
+                             "%.0f s for the liveness verdict", liveness.rank, kind.__name__,
+                             str(value)[:200], wait_s)
+                liveness.wait_for_verdict(wait_s)
+            if liveness.verdict is not None:
+                liveness.handled.wait(wait_s)  # on_failure ends the process meanwhile
+        previous(kind, value, tb)
+
+    sys.excepthook = hook

@@ -4,7 +4,9 @@
 c10d rendezvous that store lives in the agent, so it outlives every worker, rank 0 included).
 Its verdict ends the job on every surviving rank within about one heartbeat: the main thread
 may be blocked in a collective with the dead rank that only its timeout would end, so the
-heartbeat thread reports and exits the process, as torch's own NCCL watchdog does.
+heartbeat thread reports and exits the process, as torch's own NCCL watchdog does. A main
+thread whose collective failed instead (the peer's connection reset) waits for the verdict
+rather than dying at once and being taken for dead itself.
 
 What happens then (today): the job restarts from the last persistent Megatron checkpoint
 (``--save``/``--load``), a global rollback, reported with the detection time; without a
@@ -27,7 +29,7 @@ import time
 
 import torch.distributed as dist
 
-from megatron_moetion.liveness import Liveness, Verdict
+from megatron_moetion.liveness import Liveness, Verdict, wait_for_verdict_on_collective_errors
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ class FailureDetector:
 
     def start(self) -> None:
         self.liveness.start()
+        cfg = self.s.cfg
+        wait_for_verdict_on_collective_errors(
+            self.liveness, cfg.detect_timeout_s + 2 * cfg.heartbeat_interval_s)
 
     def progress(self, iteration: int, phase: str) -> None:
         self.liveness.progress(iteration, phase)
