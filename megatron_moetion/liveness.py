@@ -242,7 +242,10 @@ class Liveness:
             self._dead |= dead
             return None
         if self.on_declare is not None:
-            self.on_declare(verdict)
+            try:
+                self.on_declare(verdict)
+            except Exception:  # noqa: BLE001 - the verdict must be published regardless
+                logger.exception("[moetion] rank %d: acting on the verdict failed", self.rank)
         self.store.set(self._key("failure"), verdict.to_json())
         return verdict
 

@@ -101,6 +101,21 @@ def test_survivors_acknowledge_before_they_exit():
     assert ranks[1].settle(verdict, wait_s=0.2) == 2
 
 
+def test_the_verdict_is_published_even_if_acting_on_it_fails():
+    store, clock = MemoryStore(), Clock()
+    seen = {r: [] for r in range(3)}
+
+    def broken_declare(verdict):
+        raise OSError("checkpoint directory is read-only")
+
+    ranks = [Liveness(store, r, 3, 1.0, 3.0, seen[r].append, broken_declare, clock=clock,
+                      wall=clock) for r in range(3)]
+    tick(ranks, clock, range(3))
+    for _ in range(6):
+        tick(ranks, clock, [0, 1])
+    assert [v.dead for v in seen[0]] == [[2]] and [v.dead for v in seen[1]] == [[2]]
+
+
 def test_two_silent_neighbours_are_both_named():
     _, clock, ranks, seen, declared = make(4)
     tick(ranks, clock, range(4))
