@@ -79,9 +79,12 @@ def build(device, layers, hidden, ffn):
     return model, mains, opt
 
 
-def step(model, mains, opt, x):
-    out = model(x)
-    out.float().pow(2).mean().backward()
+def forward_backward(model, x):
+    model(x).float().pow(2).mean().backward()
+
+
+def optimizer_step(model, mains, opt):
+    """Adam on the FP32 main weights, then the bf16 compute weights copied from them."""
     for p, m in zip(model.parameters(), mains):
         m.grad = p.grad.float()
         p.grad = None
@@ -121,7 +124,8 @@ def run_loop(device, iters, layers, hidden, ffn, tokens, mode: str, window: int 
     torch.manual_seed(0)
     model, mains, opt = build(device, layers, hidden, ffn)
     x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
-    step(model, mains, opt, x)  # Adam state exists from here on
+    forward_backward(model, x)
+    optimizer_step(model, mains, opt)  # Adam state exists from here on
     engine = SnapshotEngine(device) if mode != "none" else None
     w = 1 if mode in ("dense", "dense_sync") else window
     slots = capture_plan(model, mains, opt, w) if engine else None
@@ -138,17 +142,10 @@ def run_loop(device, iters, layers, hidden, ffn, tokens, mode: str, window: int 
             if win is not None:
                 engine.release(win)
             win = engine.begin_window(it, it, layout, {})
-        out = model(x)
-        out.float().pow(2).mean().backward()
+        forward_backward(model, x)
         if engine:
             engine.wait_for_copies()  # the previous snapshot must land before the step
-        for p, m in zip(model.parameters(), mains):
-            m.grad = p.grad.float()
-            p.grad = None
-        opt.step()
-        with torch.no_grad():
-            for p, m in zip(model.parameters(), mains):
-                p.copy_(m)
+        optimizer_step(model, mains, opt)
         if engine:
             copied.append(engine.capture(win, it % w, slots[it % w], {}))
             if mode == "dense_sync":
