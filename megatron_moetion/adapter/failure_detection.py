@@ -59,11 +59,6 @@ class FailureDetector:
         self.liveness.stop(finished=True)
 
     # ------------------------------------------------------------------ on the heartbeat thread
-    def _can_restart(self) -> bool:
-        return (self.s.last_checkpoint_iteration is not None
-                and bool(getattr(self.s.args, "load", None))
-                and bool(getattr(self.s.args, "save", None)))
-
     def _report(self, verdict: Verdict) -> dict:
         s = self.s
         checkpoint = s.last_checkpoint_iteration
@@ -93,20 +88,24 @@ class FailureDetector:
                     pass
 
     def _on_declare(self, verdict: Verdict) -> None:
-        if self._can_restart():
-            from megatron_moetion.adapter.recovery import record_fallback
+        from megatron_moetion.adapter.recovery import can_restart_from_checkpoint, record_fallback
+
+        if can_restart_from_checkpoint(self.s):
 
             record_fallback(self.s.args.save, self._report(verdict))
 
     def _on_failure(self, verdict: Verdict) -> None:
-        from megatron_moetion.adapter.recovery import EXIT_RESTART_FROM_CHECKPOINT
+        from megatron_moetion.adapter.recovery import (
+            EXIT_RESTART_FROM_CHECKPOINT,
+            can_restart_from_checkpoint,
+        )
 
         report = self._report(verdict)
         try:
             self.s.metrics.write({"rank": self.s.rank, **report})
         except Exception:  # noqa: BLE001 - reporting must not stop the exit
             pass
-        if self._can_restart():
+        if can_restart_from_checkpoint(self.s):
             logger.error("[moetion] rank %d: %s; stopping for a restart from the persistent "
                          "checkpoint of iteration %d (detected after %.1f s)", self.s.rank,
                          report["reason"], self.s.last_checkpoint_iteration,

@@ -96,6 +96,13 @@ def fallbacks_recorded(load_dir: str | None) -> list:
     return json.loads(open(path).read()) if load_dir and os.path.exists(path) else []
 
 
+def can_restart_from_checkpoint(s) -> bool:
+    """A persistent checkpoint exists and the job resumes from it (``--load``) and records
+    the fallback beside it (``--save``)."""
+    return (s.last_checkpoint_iteration is not None and bool(getattr(s.args, "load", None))
+            and bool(getattr(s.args, "save", None)))
+
+
 def _fallback(s, plan: RecoveryPlan, report: dict) -> None:
     """Nothing recoverable in memory: restart from the last persistent checkpoint, or fail."""
     checkpoint = s.last_checkpoint_iteration
@@ -104,8 +111,7 @@ def _fallback(s, plan: RecoveryPlan, report: dict) -> None:
                   rollback_iterations=(plan.fault_iteration - 1 - checkpoint)
                   if checkpoint is not None else None)
     s.emit_recovery(report)
-    can_restart = checkpoint is not None and getattr(s.args, "load", None)
-    if can_restart:
+    if can_restart_from_checkpoint(s):
         if s.rank == 0:
             record_fallback(s.args.save, report)
             logger.error("[moetion] %s; stopping for a restart from the persistent checkpoint "
