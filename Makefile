@@ -7,7 +7,7 @@ MEGATRON_DIR ?=
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install patched-megatron check-patches apply-patches demo test test-unit lint bench \
+.PHONY: install patched-megatron check-patches apply-patches demo test test-extended test-unit lint bench \
         docker-lint clean help
 
 help:
@@ -43,6 +43,9 @@ lint: install
 
 test: patched-megatron lint
 	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+
+test-extended: patched-megatron
+	$(PY) -m pytest --durations=15 -m extended $(PYTEST_ARGS)
 
 test-unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -39,6 +39,11 @@ class _State:
     optimizer: Any = None
     last_checkpoint_load: int | None = None
     last_checkpoint_save: int | None = None
+    # in-place replacement (adapter.inprocess): where the next generation resumes, and the
+    # session a survivor keeps across it
+    resume: dict | None = None
+    kept: Any = None
+    saved_load: tuple | None = None
 
 
 _state = _State()
@@ -56,17 +61,66 @@ def setup(model, optimizer, opt_param_scheduler, args) -> None:
     cfg = _config.from_args(args)
     _state.cfg, _state.model, _state.optimizer = cfg, model, optimizer
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if cfg.oracle_dir:
+    if cfg.oracle_dir and _state.oracle is None:
         from megatron_moetion.oracle import OracleRecorder
 
         _state.oracle = OracleRecorder(cfg.oracle_dir, rank)
-    if cfg.enabled:
+    if _state.resume is not None:
+        _resume_generation(model, optimizer, opt_param_scheduler, args, cfg)
+    elif cfg.enabled:
         from megatron_moetion.adapter.session import MoEtionSession
 
         _state.session = MoEtionSession(
             cfg, model, optimizer, opt_param_scheduler, args,
             last_checkpoint_iteration=_state.last_checkpoint_load,
         )
+
+
+def prepare_arguments(args) -> None:
+    """Call between parsing the arguments and ``pretrain()`` (the in-process replacement's
+    entry does): in a generation after a replacement, ``--load`` is skipped (survivors keep
+    their state, the spare is restored by the recovery) and the data iterators start where
+    the interrupted iteration started."""
+    if _state.resume is None:
+        return
+    _state.saved_load = (args.load, getattr(args, "pretrained_checkpoint", None))
+    args.load, args.pretrained_checkpoint = None, None
+    args.consumed_train_samples = int(_state.resume["consumed_train_samples"])
+
+
+def _resume_generation(model, optimizer, opt_param_scheduler, args, cfg) -> None:
+    resume, kept = _state.resume, _state.kept
+    _state.resume, _state.kept = None, None
+    if _state.saved_load is not None:
+        args.load, args.pretrained_checkpoint = _state.saved_load
+    args.iteration = int(resume["iteration"]) - 1
+    args.num_floating_point_operations_so_far = resume["flops"]
+    if not cfg.enabled:
+        raise RuntimeError("warm spares need --moetion (the session keeps the state)")
+    if kept is not None:
+        kept.rebind(model, optimizer, opt_param_scheduler, args)
+        _state.session = kept
+    else:
+        from megatron_moetion.adapter.session import MoEtionSession
+
+        _state.session = MoEtionSession(
+            cfg, model, optimizer, opt_param_scheduler, args,
+            last_checkpoint_iteration=resume.get("last_checkpoint_iteration"), joining=resume)
+
+
+def join_next_generation(resume: dict) -> None:
+    """A warm spare: its first ``pretrain()`` resumes where the survivors stand."""
+    _state.resume = dict(resume)
+
+
+def keep_for_next_generation(session, resume: dict) -> None:
+    """A survivor: the next ``pretrain()`` moves ``session``'s state into the new objects."""
+    _state.kept, _state.resume = session, dict(resume)
+
+
+def forget_generation() -> None:
+    """A failed generation's Megatron objects are gone (its session is kept by the caller)."""
+    _state.session, _state.model, _state.optimizer = None, None, None
 
 
 def wrap_forward_backward_func(forward_backward_func):

@@ -272,16 +272,9 @@ def init_optimizer_state_for_loading(megatron_optimizer) -> None:
     megatron/core/optimizer/distrib_optimizer.py state_dict asserts ``len(steps) == 1`` on the
     torch.optim fallback, but torch.optim has no state before its first ``step()``.
     """
-    for opt in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
-        inner = opt.optimizer
-        if getattr(opt, "init_state_fn", None) is not None:
-            opt.init_state_fn(inner, opt.config)
-        for group in inner.param_groups:
-            for param in group["params"]:
-                state = inner.state[param]
-                state.setdefault("exp_avg", torch.zeros_like(param.data))
-                state.setdefault("exp_avg_sq", torch.zeros_like(param.data))
-                state.setdefault("step", torch.tensor(0.0))
+    from megatron_moetion.adapter.optimizer_state import ensure_optimizer_state
+
+    ensure_optimizer_state(megatron_optimizer)
 
 
 def fix_optimizer_step_after_load(megatron_optimizer) -> None:

@@ -33,6 +33,13 @@ from megatron_moetion.liveness import Liveness, Verdict, wait_for_verdict_on_col
 
 logger = logging.getLogger(__name__)
 
+
+def in_place_replacement() -> bool:
+    """Warm spares replace dead ranks (the launcher started them; ``adapter.inprocess``)."""
+    from megatron_moetion.replacement import ENV_PROCESS_ID
+
+    return ENV_PROCESS_ID in os.environ
+
 EXIT_PEER_LOST = 76  # a rank died and there is no persistent checkpoint to restart from
 
 
@@ -90,11 +97,22 @@ class FailureDetector:
     def _on_declare(self, verdict: Verdict) -> None:
         from megatron_moetion.adapter.recovery import can_restart_from_checkpoint, record_fallback
 
-        if can_restart_from_checkpoint(self.s):
-
+        if in_place_replacement():
+            self._fence(verdict)  # at once: survivors blocked on it are released by its death
+        elif can_restart_from_checkpoint(self.s):
             record_fallback(self.s.args.save, self._report(verdict))
 
+    def await_verdict(self) -> Verdict | None:
+        """After a collective failed on this rank: the verdict, or None within the detect
+        timeout (then the failure was not a peer's death)."""
+        cfg = self.s.cfg
+        return self.liveness.wait_for_verdict(cfg.detect_timeout_s + 2 * cfg.heartbeat_interval_s)
+
     def _on_failure(self, verdict: Verdict) -> None:
+        if in_place_replacement():  # the main thread leaves the generation (adapter.inprocess)
+            logger.error("[moetion] rank %d: %s; replacing it in place", self.s.rank,
+                         verdict.describe())
+            return
         from megatron_moetion.adapter.recovery import (
             EXIT_RESTART_FROM_CHECKPOINT,
             can_restart_from_checkpoint,

@@ -153,6 +153,7 @@ def recover(s, failed, fault_iteration: int, kwargs: dict, forward_backward_func
         phase("plan", t0)
         report.update(failed=list(plan.failed), ranks_replaying=list(plan.replaying),
                       ranks_paused=list(plan.paused))
+        s.recovery_role = "replaying" if s.rank in plan.replaying else "paused"
         if plan.fallback:
             _fallback(s, plan, report)
         t0 = time.perf_counter()
@@ -188,6 +189,7 @@ def recover(s, failed, fault_iteration: int, kwargs: dict, forward_backward_func
                        list(ended.failed))
     s.flow.replaying, s.flow.sources = False, {"fwd": {}, "bwd": {}}
     s.finish_recovery(plan, fingerprint)
+    s.recovery_role = None
     report.update(
         anchor_window=plan.anchor_window, anchor_iteration=plan.anchor_start,
         window=plan.window, conversion_iterations=len(plan.conversion),

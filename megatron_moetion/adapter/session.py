@@ -40,6 +40,7 @@ from megatron_moetion.adapter.fault_injection import (
     wipe_rank_state,
 )
 from megatron_moetion.adapter.optimizer_probe import OptimizerProbe
+from megatron_moetion.adapter.replay import negative_control
 from megatron_moetion.adapter.replay_io import (
     FlowControl,
     MoEtionP2PCommunicator,
@@ -80,44 +81,21 @@ class MoEtionSession:
         scheduler: Megatron's ``OptimizerParamScheduler``.
         args: Megatron's parsed arguments.
         last_checkpoint_iteration: iteration of the checkpoint ``--load`` restored, if any.
+        joining: set on a warm spare that replaces a dead rank (``adapter.inprocess``): where
+            the survivors resume. The spare holds nothing, so the first agreement names it
+            failed and the localized recovery restores it from its buddies.
     """
 
     def __init__(self, cfg: MoEtionConfig, model, optimizer, scheduler, args,
-                 last_checkpoint_iteration: int | None = None):
-        from megatron.core import parallel_state as mpu
-        from megatron.core.pipeline_parallel.schedules import _build_default_pg_collection
-
+                 last_checkpoint_iteration: int | None = None, joining: dict | None = None):
         check_supported(args, cfg)
-        self.cfg, self.model, self.optimizer, self.scheduler, self.args = (
-            cfg, model, optimizer, scheduler, args)
+        self.cfg, self.args = cfg, args
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if torch.cuda.is_available() else torch.device("cpu")
-        timeout = timedelta(seconds=cfg.timeout_s)
-        # MoEtion's own groups, created in the same order on every rank.
-        self.control_group = dist.new_group(backend="gloo", timeout=timeout)
-        repl_backend = "nccl" if self.device.type == "cuda" else "gloo"
-        self.replication_group = dist.new_group(backend=repl_backend, timeout=timeout)
-        self.pp_group = mpu.get_pipeline_model_parallel_group()
-        self.pg_collection = _build_default_pg_collection()
-        info = RankInfo(self.rank, mpu.get_pipeline_model_parallel_rank(), 0,
-                        tuple(dist.get_process_group_ranks(self.pp_group)))
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, (info, _node_id()), group=self.control_group)
-        nodes = sorted({n for _, n in gathered}, key=str)
-        self.topology = Topology([RankInfo(i.rank, i.stage, nodes.index(n), i.pipeline)
-                                  for i, n in gathered], cfg.replication_factor)
-        if self.topology.capped and self.rank == 0:
-            logger.warning("[moetion] --moetion-replication-factor %d capped to %d buddies "
-                           "(%d ranks on %d nodes)", cfg.replication_factor,
-                           self.topology.num_buddies, self.world_size, len(nodes))
-        self.bindings = discover_operators(model)
-        self.router_buffers = [buf for b in self.bindings if b.kind is OpKind.ROUTER
-                               for buf in b.buffers]
+        self._connect()
+        self._bind(model, optimizer, scheduler)
         self.engine = SnapshotEngine(self.device)
-        self.transport = ProcessGroupTransport(
-            self.replication_group, cfg.replication_chunk_bytes,
-            self.device if repl_backend == "nccl" else None)
         self.replicator = Replicator(self.transport, self.topology.buddies(self.rank),
                                      self.topology.owners(self.rank), self.engine.pool)
         self.persist = PersistWriter(cfg.persist_dir, self.rank) if cfg.persist_dir else None
@@ -129,10 +107,9 @@ class MoEtionSession:
         self.logs = LogStore(self.device)
         self.flow = FlowControl(self.logs, log_boundary=cfg.upstream_logging)
         self.flow.device = self.device
-        self.probe = OptimizerProbe(optimizer)
-        self.p2p = None  # built on first use (needs the model config)
         self.metrics = MetricsWriter(cfg.metrics_file, self.rank)
-        # A fault fires once per job: one that fired before a restart is not fired again.
+        # A fault fires once per job: one that fired before a restart (or in the process this
+        # one replaces) is not fired again.
         save = getattr(args, "save", None)
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         self.faults = FaultInjector(FaultPlan() if restarted else FaultPlan.parse(cfg.fault_plan),
@@ -152,15 +129,133 @@ class MoEtionSession:
         self._corrupt_next_round = False
         self._num_microbatches = None
         self._start_state = None
+        self._resume_at: int | None = None  # survivors of a replaced rank: iteration resumed
+        self.recovery_role: str | None = None  # "replaying" or "paused" while recovering
+        self._stepped = -1  # the last iteration whose optimizer step ran on this rank
         self._iter: dict = {}
         self._stall = 0.0
+        if joining is not None:
+            self._join(joining)
         self.detector = FailureDetector(self)
         self.detector.start()
-        self._report_restart()
+        if joining is None:
+            self._report_restart()
         if self.rank == 0:
             logger.warning("[moetion] on: %d operators on rank 0, %d buddies per rank, copy "
                            "bandwidth %.2f GB/s", len(self.bindings), self.topology.num_buddies,
                            copy_bandwidth / 1e9)
+
+    def _connect(self) -> None:
+        """MoEtion's groups and topology: the same collectives, in the same order, on every
+        rank, whether it builds its session or a survivor rebinds its own (``rebind``)."""
+        from megatron.core import parallel_state as mpu
+        from megatron.core.pipeline_parallel.schedules import _build_default_pg_collection
+
+        timeout = timedelta(seconds=self.cfg.timeout_s)
+        self.control_group = dist.new_group(backend="gloo", timeout=timeout)
+        repl_backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.replication_group = dist.new_group(backend=repl_backend, timeout=timeout)
+        self.pp_group = mpu.get_pipeline_model_parallel_group()
+        self.pg_collection = _build_default_pg_collection()
+        info = RankInfo(self.rank, mpu.get_pipeline_model_parallel_rank(), 0,
+                        tuple(dist.get_process_group_ranks(self.pp_group)))
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, (info, _node_id()), group=self.control_group)
+        nodes = sorted({n for _, n in gathered}, key=str)
+        self.topology = Topology([RankInfo(i.rank, i.stage, nodes.index(n), i.pipeline)
+                                  for i, n in gathered], self.cfg.replication_factor)
+        if self.topology.capped and self.rank == 0:
+            logger.warning("[moetion] --moetion-replication-factor %d capped to %d buddies "
+                           "(%d ranks on %d nodes)", self.cfg.replication_factor,
+                           self.topology.num_buddies, self.world_size, len(nodes))
+        self.transport = ProcessGroupTransport(
+            self.replication_group, self.cfg.replication_chunk_bytes,
+            self.device if repl_backend == "nccl" else None)
+
+    def _bind(self, model, optimizer, scheduler) -> None:
+        """What points into Megatron's model and optimizer objects."""
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.bindings = discover_operators(model)
+        self.router_buffers = [buf for b in self.bindings if b.kind is OpKind.ROUTER
+                               for buf in b.buffers]
+        self.probe = OptimizerProbe(optimizer)
+        self.p2p = None  # built on first use (needs the model config)
+
+    # ------------------------------------------------------------------ replacement
+    def _join(self, resume: dict) -> None:
+        """A warm spare taking a dead rank's place: it holds no window, replica or log, and
+        its optimizer has no state yet (a restore writes into it)."""
+        from megatron_moetion.adapter.optimizer_state import (
+            ensure_optimizer_state,
+            restore_optimizer_caches,
+        )
+
+        ensure_optimizer_state(self.optimizer)
+        restore_optimizer_caches(self.optimizer, resume.get("optimizer_caches", []))
+        self.lost = True
+        self.first_iteration = int(resume["iteration"])
+        self.snapshots.next_window_start = self.first_iteration + 1
+        self._partners_checked = True  # the survivors checked data partners at the start
+
+    def keep(self) -> dict:
+        """A survivor of a failed generation: stop what runs in the background and say where
+        this rank's training state stands. Its model, optimizer, windows, replicas and logs
+        stay in memory for ``rebind`` in the next generation."""
+        from megatron_moetion.adapter.optimizer_state import detach_training_state
+
+        self.detector.liveness.stop(finished=False)
+        self.replicator.quiesce(self.cfg.timeout_s)
+        self.engine.wait_for_copies()
+        self._kept_state = detach_training_state(self.model, self.optimizer, self.scheduler)
+        if "stale_survivors" in negative_control():  # tests: survivors lose optimizer state
+            self._kept_state["main"] = [(n, a, b, m, {}) for n, a, b, m, _ in
+                                        self._kept_state["main"]]
+        # a rank the interrupted recovery was replaying holds a half-rebuilt state: it is
+        # restored again, as a failed rank, in the next generation
+        self._lost_again = self.recovery_role == "replaying"
+        self._release()
+        if self._stepped >= self.iteration:  # stopped after this iteration's optimizer step
+            return {"iteration": self.iteration + 1, "after_step": True}
+        self._resume_at = self.iteration
+        for kind in ("data", "fwd", "bwd", "record"):  # the aborted attempt's, partial
+            self.logs.drop_iteration(self.iteration, (kind,))
+        return {"iteration": self.iteration,
+                "optimizer_caches": self._kept_state["caches"],
+                "consumed_train_samples": self._start_state["consumed"],
+                "flops": self._start_state["flops"],
+                "last_checkpoint_iteration": self.last_checkpoint_iteration}
+
+    def _release(self) -> None:
+        """Drop every reference to the failed generation's Megatron objects and process
+        groups: a group's sockets close only once nothing refers to it, and peers blocked on
+        this rank are released by that."""
+        self.probe.uninstall()
+        self.snapshots.release()
+        self.model = self.optimizer = self.scheduler = None
+        self.bindings, self.router_buffers = [], []
+        self.control_group = self.replication_group = self.pp_group = None
+        self.pg_collection = self.transport = self.p2p = None
+        self.replicator.transport = None
+
+    def rebind(self, model, optimizer, scheduler, args) -> None:
+        """Next generation, on a survivor: move this rank's live training state into the
+        objects Megatron just built on the new process groups (nothing is read from disk or
+        replayed), and rebuild what points into groups, model or optimizer."""
+        from megatron_moetion.adapter.optimizer_state import transplant
+
+        self.args = args
+        transplant(self._kept_state, model, optimizer, scheduler)
+        self._kept_state = None
+        self._connect()
+        self.replicator.transport = self.transport
+        self._bind(model, optimizer, scheduler)
+        self.snapshots.rebind(self.bindings, optimizer, self._gather)
+        ts.restore_rng(self._start_state["rng"])
+        ts.restore_buffers(self.router_buffers, self._start_state["buffers"])
+        self.flow.replaying, self.flow.sources = False, {"fwd": {}, "bwd": {}}
+        self.lost, self.recovery_role = self._lost_again, None
+        self.detector = FailureDetector(self)
+        self.detector.start()
 
     def _gather(self, obj) -> list:
         out = [None] * self.world_size
@@ -377,6 +472,10 @@ class MoEtionSession:
             self.snapshots.next_window_start = iteration + 1  # the first window needs an
             # agreement (world-wide window size) and the optimizer state of a first step
         self.detector.progress(iteration, "train")
+        if self._resume_at == iteration:  # resumed in place: this start ran in the last generation
+            self._resume_at = None
+            self._stall += time.perf_counter() - t0
+            return
         fail_after = []
         if self.snapshots.closes_now(iteration):  # a replication round starts now
             for fault in self.faults.due("replication", iteration, at_or_after=True):
@@ -393,11 +492,15 @@ class MoEtionSession:
         self._iter.update(out)
         self._start_state = {"rng": ts.capture_rng(),
                              "buffers": ts.capture_buffers(self.router_buffers),
-                             "sched_steps": getattr(self.scheduler, "num_steps", 0)}
+                             "sched_steps": getattr(self.scheduler, "num_steps", 0),
+                             "consumed": int(self.args.consumed_train_samples),
+                             "flops": getattr(self.args, "num_floating_point_operations_so_far",
+                                              0)}
         self._stall += time.perf_counter() - t0
 
     def on_optimizer_step_end(self, iteration: int, update_successful: bool, grad_norm) -> None:
         t0 = time.perf_counter()
+        self._stepped = iteration
         steps = getattr(self.scheduler, "num_steps", 0)
         record = {"grad_norm": self.probe.last.get("grad_norm"),
                   "found_inf": dict(self.probe.last.get("found_inf", {})),
@@ -421,7 +524,8 @@ class MoEtionSession:
     def on_train_step_end(self, iteration: int, loss_dict, grad_norm, skipped_iter) -> None:
         t0 = time.perf_counter()
         self.snapshots.note_end_of_iteration(iteration, int(self.args.consumed_train_samples))
-        if iteration == self.first_iteration:
+        if iteration == self.first_iteration and not getattr(self, "_partners_checked", False):
+            self._partners_checked = True
             self._check_data_partners(iteration)
         self._stall += time.perf_counter() - t0
         self.fire("snapshot")  # the snapshot of this iteration is lost with the rank

@@ -56,6 +56,7 @@ class SnapshotController:
                                             cfg.reorder_fraction)
         self.fwd_bwd_times: deque[float] = deque(maxlen=50)
         self.captures = None
+        self._had_captures = False
         self.schedule = None
         self.order: list[str] = []
         self.slot_items: list = []
@@ -219,6 +220,22 @@ class SnapshotController:
 
     def dense_bytes(self) -> int | None:
         return sum(s.active_bytes for s in self.specs().values()) if self.captures else None
+
+    def rebind(self, bindings, optimizer, gather) -> None:
+        """A survivor's next generation: the same operators in new Megatron objects. The open
+        window's capture items point into the old ones; recovery opens a fresh window before
+        the next capture."""
+        self.bindings, self.optimizer, self.gather = bindings, optimizer, gather
+        self._hooks = [self._count_tokens(b) for b in bindings if b.kind is OpKind.ROUTER]
+        if self._had_captures:
+            self.captures = build_captures(bindings, optimizer)
+
+    def release(self) -> None:
+        """Drop every reference into the failed generation's model and optimizer."""
+        self.close()
+        self._had_captures = self.captures is not None
+        self.bindings, self.optimizer, self.gather = [], None, None
+        self.captures, self.slot_items, self._hooks = None, [], []
 
     def forget(self) -> None:
         """lose_state: the schedule and popularity are part of what a failed rank loses."""

@@ -32,10 +32,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "demo",
                         help="output directory (default: runs/demo)")
     parser.add_argument("--iters", type=int, default=12, help="training iterations (>= 4)")
+    parser.add_argument("--spares", type=int, default=0,
+                        help="warm spare processes for the run with faults: a killed rank is "
+                             "replaced in place and the survivors keep their state (default 0: "
+                             "a killed rank restarts the job from its last checkpoint)")
     parser.add_argument("--timeout-s", type=float, default=600, help="per-run timeout")
     args = parser.parse_args(argv)
     if args.iters < 4:
         parser.error(f"--iters must be >= 4; got {args.iters}")
+    if args.spares < 0:
+        parser.error(f"--spares must be >= 0; got {args.spares}")
     return args
 
 
@@ -54,7 +60,7 @@ def recovery_reports(run_dir: Path) -> list[dict]:
             "global_rollback_rank_iterations", "global_replay_from_window_rank_iterations",
             "bytes_pulled", "bytes_shipped", "attempts", "phases", "anchor_iteration",
             "fallback", "reason", "checkpoint_iteration", "rollback_iterations",
-            "faults_fired_before")
+            "faults_fired_before", "replaced_by", "generation")
     per_rank = {rank: [{k: r[k] for k in keep if k in r} for r in records
                        if r.get("kind") in ("recovery", "restart")]
                 for rank, records in read_metrics(run_dir / "metrics").items()}
@@ -92,7 +98,7 @@ def main(argv=None) -> int:
             shutil.rmtree(path)
     if run(base, clean, "fault-free run", args.timeout_s).returncode != 0:
         return 1
-    if run(base.replace(fault_plan=str(plan)), faulted, "run with faults",
+    if run(base.replace(fault_plan=str(plan), spares=args.spares), faulted, "run with faults",
            args.timeout_s).returncode != 0:
         return 1
     comparison = compare_dumps(clean / "oracle", faulted / "oracle")
@@ -124,6 +130,12 @@ def main(argv=None) -> int:
             print(f"[demo] the job restarted from the checkpoint of iteration "
                   f"{rec['checkpoint_iteration']} (faults fired before: "
                   f"{'; '.join(rec.get('faults_fired_before') or []) or 'none'})")
+            continue
+        if rec.get("cause") == "process_failure" and rec.get("replaced_by"):
+            spares = ", ".join(f"rank {r} by spare process {p}"
+                               for r, p in rec["replaced_by"].items())
+            print(f"[demo] {rec['reason']}; detected after {rec['detection_s']:.1f} s, replaced "
+                  f"in place ({spares}); the survivors kept their state")
             continue
         if rec.get("cause") == "process_failure":
             print(f"[demo] {rec['reason']}; detected after {rec['detection_s']:.1f} s, every "

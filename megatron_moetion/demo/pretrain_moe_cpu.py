@@ -7,13 +7,20 @@ every Megatron flag passed through. It must run against the *patched* Megatron t
 that up)::
 
     torchrun --nproc-per-node 4 -m megatron_moetion.demo.pretrain_moe_cpu <megatron flags>
+
+With warm spares (``RunConfig.spares``), the processes are started one per rank and spare
+around a store that outlives them (``testing.launch.run_with_spares``) and a dead rank is
+replaced in place (``adapter.inprocess``).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the launcher's stack dump on timeout
 
 import torch  # noqa: E402
 
@@ -109,9 +116,16 @@ def main() -> None:
             f"{training.__file__} is not patched for MoEtion; run `make patched-megatron` and "
             f"put build/megatron-patched first on PYTHONPATH (python -m megatron_moetion.demo "
             f"does both)")
-    args = parse_and_validate_args(args_defaults={})
-    pretrain(pretrain_cfg_container_from_args(args), train_valid_test_datasets_provider,
-             ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
+    from megatron_moetion.adapter import inprocess
+
+    def pretrain_once(store):
+        args = parse_and_validate_args(args_defaults={})
+        megatron_hooks.prepare_arguments(args)
+        pretrain(pretrain_cfg_container_from_args(args), train_valid_test_datasets_provider,
+                 ModelType.encoder_or_decoder, forward_step, model_provider=model_provider,
+                 store=store)
+
+    inprocess.run(pretrain_once)  # one plain call unless the launcher started warm spares
 
 
 if __name__ == "__main__":

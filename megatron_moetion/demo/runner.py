@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_moetion.testing.launch import RunResult, run_torchrun
+from megatron_moetion.testing.launch import RunResult, run_torchrun, run_with_spares
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PATCHED_MEGATRON = Path(os.environ.get("MOETION_PATCHED_MEGATRON",
@@ -49,6 +49,7 @@ class RunConfig:
     replication_factor: int = 2
     fault_plan: str = ""
     save_interval: int = 0
+    spares: int = 0  # warm spares: one process per rank and spare, dead ranks replaced in place
     extra_flags: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -143,9 +144,14 @@ def run_pretrain(cfg: RunConfig, out_dir: str | os.PathLike, *, timeout_s: float
     seconds = 0.0
     for _attempt in range(max_restarts + 1):
         before = stamp()
-        result = run_torchrun(DRIVER, cfg.world_size, megatron_flags(cfg, out_dir),
-                              log_path=out_dir / "log.txt", timeout_s=timeout_s - seconds,
-                              env=run_env(env), python=sys.executable)
+        if cfg.spares:
+            result = run_with_spares(DRIVER, cfg.world_size, cfg.spares,
+                                     megatron_flags(cfg, out_dir), log_path=out_dir / "log.txt",
+                                     timeout_s=timeout_s - seconds, env=run_env(env))
+        else:
+            result = run_torchrun(DRIVER, cfg.world_size, megatron_flags(cfg, out_dir),
+                                  log_path=out_dir / "log.txt", timeout_s=timeout_s - seconds,
+                                  env=run_env(env), python=sys.executable)
         seconds += result.seconds
         if (result.returncode == 0 or result.timed_out or stamp() == before
                 or not (ckpt / "latest_checkpointed_iteration.txt").exists()):

@@ -127,3 +127,58 @@ def run_torchrun(script: str | os.PathLike, nproc: int, script_args: list[str], 
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     return run_command(cmd, log_path=log_path, timeout_s=timeout_s, env=full_env)
+
+
+def run_with_spares(script: str | os.PathLike, nproc: int, spares: int, script_args: list[str], *,
+                    log_path: str | os.PathLike, timeout_s: float,
+                    env: dict[str, str] | None = None,
+                    python: str = sys.executable) -> RunResult:
+    """Run ``script`` as ``nproc`` ranks plus ``spares`` warm spares, one process each, around a
+    store this process hosts (so it outlives every worker, as the store of a per-node agent
+    does). Nothing tears the job down when a worker dies: survivors replace it in place
+    (``megatron_moetion.adapter.inprocess``). The return code is the first non-zero exit of a
+    process that was not SIGKILLed (a killed worker is the planned fault), else 0."""
+    import torch.distributed as dist
+
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    base = dict(os.environ if env is None else env)
+    base.setdefault("OMP_NUM_THREADS", "1")
+    base.setdefault("PYTHONUNBUFFERED", "1")
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
+                LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MOETION_ACTIVE_WORLD_SIZE=str(nproc),
+                MOETION_SPARES=str(spares))
+    start = time.monotonic()
+    procs = []
+    with open(log_path, "ab") as log:
+        try:
+            for pid in range(nproc + spares):
+                proc_env = dict(base, MOETION_PROCESS_ID=str(pid), RANK=str(min(pid, nproc - 1)))
+                procs.append(subprocess.Popen([python, str(script), *script_args], stdout=log,
+                                              stderr=subprocess.STDOUT, env=proc_env,
+                                              start_new_session=True))
+            deadline = start + timeout_s
+            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            timed_out = any(p.poll() is None for p in procs)
+            if timed_out:  # every thread's stack into the log (faulthandler on SIGUSR1)
+                for p in procs:
+                    if p.poll() is None:
+                        os.kill(p.pid, signal.SIGUSR1)
+                time.sleep(2)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    _kill_tree(p)
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+    del store
+    codes = [p.returncode for p in procs]
+    rc = -9 if timed_out else next((c for c in codes if c not in (0, -signal.SIGKILL)), 0)
+    with open(log_path, "a") as log:
+        log.write(f"[launcher] exit codes by process: {codes}\n")
+    return RunResult(rc, time.monotonic() - start, log_path, timed_out)

@@ -1,13 +1,14 @@
-"""Real process failures on real Megatron-Core: a rank SIGKILLed, or SIGSTOPped (it stops
-answering), in the middle of training. Every surviving rank learns of it within the detect
-timeout, and the job restarts from the last persistent checkpoint (a global rollback: survivors
-keeping their state is not built yet) and ends bitwise identical to the fault-free run. No test
-leaves a process behind.
+"""Real process failures on real Megatron-Core under torchrun: a rank SIGKILLed, or SIGSTOPped
+(it stops answering), in the middle of training. Every surviving rank learns of it within the
+detect timeout, and the job restarts from the last persistent checkpoint (a global rollback:
+torchrun's agent stops every local worker when one dies; with warm spares the dead rank is
+replaced in place instead, tests/megatron/test_spare_replacement.py) and ends bitwise identical
+to the fault-free run. No test leaves a process behind.
 
-Cells: hang of a middle rank at backward (detected by its ring watcher, fenced); kill in the
-first stage at forward; kill in the last stage while it replicates; kill of a middle stage
-(PP=4) at the optimizer step; kill during conversion (a recovery in progress); a hang without a
-checkpoint (a clear error in bounded time).
+Cells: hang of a middle rank at backward (detected by its ring watcher, fenced); kill of a middle
+stage (PP=4) at the optimizer step; a hang without a checkpoint (a clear error in bounded time);
+with `make test-extended` also: kill in the first stage at forward, in the last stage while it
+replicates, and during conversion (a recovery in progress).
 """
 
 import os
@@ -64,6 +65,7 @@ def test_rank_that_stops_answering_is_detected_fenced_and_rolled_back(run_cache,
         assert r["checkpoint_iteration"] == 8 and r["fault_iteration"] == 10
 
 
+@pytest.mark.extended
 @pytest.mark.parametrize("plan", [
     "rank=0,iter=10,phase=fwd,kind=kill",
     "rank=3,iter=10,phase=replication,kind=kill",  # the round that starts at iteration 11
@@ -76,6 +78,7 @@ def test_killed_middle_stage_at_the_optimizer_step(run_cache, run_ok, tmp_path):
     run_with(run_cache, run_ok, tmp_path, "rank=2,iter=10,phase=step,kind=kill", base=PP4)
 
 
+@pytest.mark.extended
 def test_kill_during_conversion(run_cache, run_ok, tmp_path):
     # rank 1 loses its state; while ranks 0 and 1 replay, rank 0's process is killed
     run_with(run_cache, run_ok, tmp_path,
