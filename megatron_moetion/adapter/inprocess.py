@@ -6,10 +6,10 @@ spares (no ``MOETION_PROCESS_ID`` in the environment) it is one plain call. With
 ``megatron_moetion.replacement``), per generation ``g``:
 
 * a survivor whose ``pretrain()`` raised waits for the liveness verdict (none within the detect
-  timeout: the error was not a peer's death and is raised), keeps its MoEtion session (model,
-  optimizer, windows, replicas, logs stay in memory), tears Megatron's global state and every
-  process group down (its sockets close, which releases peers blocked on it), publishes where
-  it stands and reads the decision;
+  timeout: the error was not a peer's death and is raised), shuts its peer connections down
+  (releasing every operation blocked on it, here and on its peers), keeps its MoEtion session
+  (its state as plain tensors; windows, replicas, logs stay in memory), tears Megatron's global
+  state and every process group down, publishes where it stands and reads the decision;
 * a dead rank's place goes to the next warm spare, which was waiting with its imports done;
 * everyone enters ``pretrain()`` again on generation ``g + 1``'s store prefix. Megatron builds
   the same groups in the same order and the same model and optimizer (every set-up collective
@@ -80,12 +80,23 @@ def run(pretrain_once: Callable[[object], None]) -> None:
         try:
             pretrain_once(store)
         except BaseException as exc:  # noqa: BLE001 - decided below: replace, or raise
-            generation = _after_failure(membership, generation, rank, exc)
+            try:
+                generation = _after_failure(membership, generation, rank, exc)
+            except BaseException:
+                _release_spares(membership)  # the job ends: idle spares leave too
+                raise
             _restore_module_state(fresh)
             continue
         if rank == 0:
             membership.finish()
         return
+
+
+def _release_spares(membership: Membership) -> None:
+    try:
+        membership.finish()
+    except Exception:  # noqa: BLE001 - the store may be gone with the job
+        pass
 
 
 _STATEFUL_MODULES = ("megatron.training.training", "megatron.training.checkpointing")
@@ -130,6 +141,10 @@ def _after_failure(membership: Membership, generation: int, rank: int,
                    type(exc).__name__, str(exc)[:200])
     _drop_frames(exc)  # its traceback holds the failed generation's objects
     del exc
+    # first of all: every operation of this generation still pending here or on a peer
+    # blocked on this rank (a replication round, a pipeline receive) fails now, rather than
+    # holding this rank or its peers until their timeouts
+    shut_down_peer_connections(int(os.environ.get("MASTER_PORT", "0")))
     kept = session.keep()
     _teardown()
     membership.hand_off(generation, rank, verdict.dead, {"resume": kept})
@@ -140,11 +155,12 @@ def _after_failure(membership: Membership, generation: int, rank: int,
               "detection_s": detection, "generation": decision.generation,
               "fault_iteration": session.iteration,
               "replaced_by": {str(k): v for k, v in decision.replaced_by.items()},
-              "fallback": bool(decision.fallback), "teardown_s": time.monotonic() - t0}
+              "fallback": bool(decision.fallback),
+              "seconds_to_decision": time.monotonic() - t0}
     if decision.fallback:
         report["fallback_reason"] = decision.fallback
         session.metrics.write({"rank": rank, **report})
-        _fall_back(session, rank, decision.fallback)
+        _fall_back(membership, session, rank, decision.fallback)
     session.metrics.write({"rank": rank, **report})
     megatron_hooks.keep_for_next_generation(session, decision.resume)
     return decision.generation
@@ -163,7 +179,6 @@ def _teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     gc.collect()  # the last references to the old groups go: their sockets close
-    shut_down_peer_connections(int(os.environ.get("MASTER_PORT", "0")))
 
 
 def _drop_frames(exc: BaseException | None) -> None:
@@ -174,7 +189,7 @@ def _drop_frames(exc: BaseException | None) -> None:
         exc = exc.__context__ or exc.__cause__
 
 
-def _fall_back(session, rank: int, reason: str) -> None:
+def _fall_back(membership: Membership, session, rank: int, reason: str) -> None:
     """No in-place replacement: stop for a restart from the persistent checkpoint."""
     from megatron_moetion.adapter.failure_detection import EXIT_PEER_LOST
     from megatron_moetion.adapter.recovery import EXIT_RESTART_FROM_CHECKPOINT
@@ -188,4 +203,5 @@ def _fall_back(session, rank: int, reason: str) -> None:
                  "is lost")
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    _release_spares(membership)
     os._exit(EXIT_RESTART_FROM_CHECKPOINT if can else EXIT_PEER_LOST)

@@ -193,6 +193,10 @@ class MoEtionSession:
         ensure_optimizer_state(self.optimizer)
         restore_optimizer_caches(self.optimizer, resume.get("optimizer_caches", []))
         self.lost = True
+        # every rank numbers windows and replication rounds alike (the agreement compares them)
+        self.windows.next_window_id = int(resume["next_window_id"])
+        self.windows.last_round = int(resume["last_round"])
+        self.replicator.finished_round = int(resume["last_round"])  # none of its own in flight
         self.first_iteration = int(resume["iteration"])
         self.snapshots.next_window_start = self.first_iteration + 1
         self._partners_checked = True  # the survivors checked data partners at the start
@@ -220,6 +224,9 @@ class MoEtionSession:
         for kind in ("data", "fwd", "bwd", "record"):  # the aborted attempt's, partial
             self.logs.drop_iteration(self.iteration, (kind,))
         return {"iteration": self.iteration,
+                # the job's window and round numbering, which a spare continues
+                "next_window_id": self.windows.next_window_id,
+                "last_round": self.windows.last_round,
                 "optimizer_caches": self._kept_state["caches"],
                 "consumed_train_samples": self._start_state["consumed"],
                 "flops": self._start_state["flops"],

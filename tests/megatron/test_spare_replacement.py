@@ -8,10 +8,11 @@ recovery restores the spare from its buddies: only the dead rank's stage replays
 reloads a checkpoint, and the run ends bitwise identical to the fault-free one. A negative
 control (survivors that lose their optimizer state across the rebuild) must fail the oracle.
 
-`make test` runs one kill per kind of position (last stage at forward, a middle stage at the
-optimizer step, a kill during conversion) and the negative control; `make test-extended` adds
-the first stage at backward, the last stage during replication, a rank that stops answering,
-and the soak (ten random kills in a hundred iterations).
+`make test` runs two kills in one run (the last stage at forward, then at backward the stage
+peer of the rank the first spare replaced), a middle stage at the optimizer step, a kill during
+conversion and the negative control; `make test-extended` adds single kills of the last stage at
+forward, the first stage at backward, the last stage during replication, a rank that stops
+answering, and the soak (ten random kills in a hundred iterations).
 """
 
 import pytest
@@ -23,9 +24,10 @@ from megatron_moetion.oracle import compare_dumps
 pytestmark = [pytest.mark.megatron, pytest.mark.distributed, pytest.mark.timeout(400)]
 
 
-def run_replaced(run_cache, run_ok, tmp_path, plan, base=DEMO, spares=1, env=None):
-    cfg = base.replace(fault_plan=plan, save_interval=4, extra_flags=DETECT, spares=spares)
-    out = run_ok(cfg, tmp_path, env=env)
+def run_replaced(run_cache, run_ok, tmp_path, plan, base=DEMO, spares=1, env=None,
+                 detect=DETECT, timeout_s=300):
+    cfg = base.replace(fault_plan=plan, save_interval=4, extra_flags=detect, spares=spares)
+    out = run_ok(cfg, tmp_path, env=env, timeout_s=timeout_s)
     assert processes_mentioning(tmp_path) == []
     records = [r for recs in read_metrics(out / "metrics").values() for r in recs]
     assert not [r for r in records if r.get("kind") == "restart"]  # no global rollback
@@ -40,8 +42,31 @@ def recoveries(records):
     return [r for r in records if r.get("kind") == "recovery" and "ranks_paused" in r]
 
 
+def test_two_kills_the_second_beside_the_first_replacement(run_cache, run_ok, tmp_path):
+    # rank 2 dies at forward and spare 4 takes its place; later its stage peer, rank 3, dies at
+    # backward: the former spare is now a survivor that replays with the second spare (its
+    # state, windows and round numbering must be those of a rank that was there all along)
+    base = DEMO.replace(train_iters=20)
+    out, records = run_replaced(run_cache, run_ok, tmp_path,
+                                "rank=2,iter=10,phase=fwd,kind=kill;"
+                                "rank=3,iter=18,phase=bwd,kind=kill", base=base, spares=2)
+    result = compare_dumps(run_cache.get(base) / "oracle", out / "oracle")
+    assert result.identical, result
+    by_generation = {r["generation"]: r for r in replacements(records)}
+    assert by_generation[1]["replaced_by"] == {"2": 4}
+    assert by_generation[2]["replaced_by"] == {"3": 5}
+    second = [r for r in recoveries(records) if r["fault_iteration"] == 18]
+    assert second and second[0]["ranks_replaying"] == [2, 3]
+    assert second[0]["ranks_paused"] == [0, 1]
+    # windows kept being shipped after the first replacement (the spare continues the job's
+    # window and round numbering; were it not, every later window would be skipped)
+    assert any(r.get("window_closed") == "shipped" and 10 < r["iteration"] < 18
+               for r in records)
+
+
 @pytest.mark.parametrize("plan, dead, replaying, paused", [
-    ("rank=2,iter=10,phase=fwd,kind=kill", 2, [2, 3], [0, 1]),
+    pytest.param("rank=2,iter=10,phase=fwd,kind=kill", 2, [2, 3], [0, 1],
+                 marks=pytest.mark.extended),
     pytest.param("rank=0,iter=10,phase=bwd,kind=kill", 0, [0, 1], [2, 3],
                  marks=pytest.mark.extended),
     pytest.param("rank=3,iter=10,phase=replication,kind=kill", 3, [2, 3], [0, 1],
@@ -124,8 +149,12 @@ def soak_plan(seed: int = 7, iters: int = 100, kills: int = SOAK_KILLS) -> str:
 def test_soak_ten_random_kills_in_a_hundred_iterations(run_cache, run_ok, tmp_path):
     base = DEMO.replace(train_iters=100)
     plan = soak_plan()
+    # fourteen processes on two cores: a 5 s detect timeout, so that no live rank is taken
+    # for dead under the load (every replacement uses up a spare)
     out, records = run_replaced(run_cache, run_ok, tmp_path, plan, base=base,
-                                spares=SOAK_KILLS)
+                                spares=SOAK_KILLS, timeout_s=1500,
+                                detect=("--moetion-heartbeat-interval-s", "0.5",
+                                        "--moetion-detect-timeout-s", "5"))
     result = compare_dumps(run_cache.get(base, timeout_s=900) / "oracle", out / "oracle")
     assert result.identical, result
     by_generation = {r["generation"]: r for r in replacements(records)}
