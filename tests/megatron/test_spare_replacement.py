@@ -12,7 +12,8 @@ control (survivors that lose their optimizer state across the rebuild) must fail
 peer of the rank the first spare replaced), a middle stage at the optimizer step, a kill during
 conversion and the negative control; `make test-extended` adds single kills of the last stage at
 forward, the first stage at backward, the last stage during replication, a rank that stops
-answering, and the soak (ten random kills in a hundred iterations).
+answering, a second kill with no spare left (the fallback to the checkpoint), and the soak
+(ten random kills in a hundred iterations).
 """
 
 import pytest
@@ -164,3 +165,26 @@ def test_soak_ten_random_kills_in_a_hundred_iterations(run_cache, run_ok, tmp_pa
         rank, iteration = (int(kv.split("=")[1]) for kv in failure.split(",")[:2])
         assert any(r["failed"] == [rank] and r["fault_iteration"] >= iteration
                    for r in by_generation.values()), failure
+
+
+@pytest.mark.extended
+def test_no_spare_left_falls_back_to_the_checkpoint(run_cache, run_ok, tmp_path):
+    # one spare for two kills: the second failure cannot be replaced in place, every rank stops
+    # for a restart from the last persistent checkpoint (the runner plays the scheduler)
+    base = DEMO.replace(train_iters=20)
+    cfg = base.replace(fault_plan="rank=2,iter=10,phase=fwd,kind=kill;"
+                                  "rank=3,iter=18,phase=bwd,kind=kill",
+                       save_interval=4, extra_flags=DETECT, spares=1)
+    out = run_ok(cfg, tmp_path, max_restarts=1)
+    assert processes_mentioning(tmp_path) == []
+    result = compare_dumps(run_cache.get(base) / "oracle", out / "oracle")
+    assert result.identical, result
+    records = [r for recs in read_metrics(out / "metrics").values() for r in recs]
+    by_generation = {}
+    for r in replacements(records):
+        by_generation.setdefault(r["generation"], r)
+    assert by_generation[1]["replaced_by"] == {"2": 4} and not by_generation[1]["fallback"]
+    assert by_generation[2]["fallback"] is True
+    assert by_generation[2]["fallback_reason"].startswith("no warm spare left for rank 3")
+    restarts = [r for r in records if r.get("kind") == "restart"]
+    assert restarts and {r["checkpoint_iteration"] for r in restarts} == {16}
