@@ -98,7 +98,9 @@ def _resume_generation(model, optimizer, opt_param_scheduler, args, cfg) -> None
     if not cfg.enabled:
         raise RuntimeError("warm spares need --moetion (the session keeps the state)")
     if kept is not None:
-        kept.rebind(model, optimizer, opt_param_scheduler, args)
+        from megatron_moetion.adapter import handover
+
+        handover.rebind(kept, model, optimizer, opt_param_scheduler, args)
         _state.session = kept
     else:
         from megatron_moetion.adapter.session import MoEtionSession

@@ -14,7 +14,7 @@ spares (no ``MOETION_PROCESS_ID`` in the environment) it is one plain call. With
 * everyone enters ``pretrain()`` again on generation ``g + 1``'s store prefix. Megatron builds
   the same groups in the same order and the same model and optimizer (every set-up collective
   is met because every rank runs the same code); ``--load`` is skipped; survivors move their
-  kept state into the new objects (``MoEtionSession.rebind``) and resume the iteration that
+  kept state into the new objects (``handover.rebind``) and resume the iteration that
   was cut short; the spare resumes there too, holding nothing, so the first agreement names it
   failed and the localized recovery restores it from its buddies and neighbours.
 
@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 
 from megatron_moetion import megatron_hooks
+from megatron_moetion.adapter import handover
 from megatron_moetion.replacement import (
     Membership,
     membership_from_env,
@@ -145,7 +146,7 @@ def _after_failure(membership: Membership, generation: int, rank: int,
     # blocked on this rank (a replication round, a pipeline receive) fails now, rather than
     # holding this rank or its peers until their timeouts
     shut_down_peer_connections(int(os.environ.get("MASTER_PORT", "0")))
-    kept = session.keep()
+    kept = handover.keep(session)
     _teardown()
     membership.hand_off(generation, rank, verdict.dead, {"resume": kept})
     decision = membership.decide(generation, rank, verdict.dead, DECISION_TIMEOUT_S)

@@ -29,6 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megatron_moetion.adapter import handover
 from megatron_moetion.adapter import training_state as ts
 from megatron_moetion.adapter.capture import build_captures
 from megatron_moetion.adapter.discovery import discover_operators
@@ -82,8 +83,7 @@ class MoEtionSession:
         args: Megatron's parsed arguments.
         last_checkpoint_iteration: iteration of the checkpoint ``--load`` restored, if any.
         joining: set on a warm spare that replaces a dead rank (``adapter.inprocess``): where
-            the survivors resume. The spare holds nothing, so the first agreement names it
-            failed and the localized recovery restores it from its buddies.
+            the survivors resume (``adapter.handover``).
     """
 
     def __init__(self, cfg: MoEtionConfig, model, optimizer, scheduler, args,
@@ -135,7 +135,7 @@ class MoEtionSession:
         self._iter: dict = {}
         self._stall = 0.0
         if joining is not None:
-            self._join(joining)
+            handover.join(self, joining)
         self.detector = FailureDetector(self)
         self.detector.start()
         if joining is None:
@@ -180,89 +180,6 @@ class MoEtionSession:
                                for buf in b.buffers]
         self.probe = OptimizerProbe(optimizer)
         self.p2p = None  # built on first use (needs the model config)
-
-    # ------------------------------------------------------------------ replacement
-    def _join(self, resume: dict) -> None:
-        """A warm spare taking a dead rank's place: it holds no window, replica or log, and
-        its optimizer has no state yet (a restore writes into it)."""
-        from megatron_moetion.adapter.optimizer_state import (
-            ensure_optimizer_state,
-            restore_optimizer_caches,
-        )
-
-        ensure_optimizer_state(self.optimizer)
-        restore_optimizer_caches(self.optimizer, resume.get("optimizer_caches", []))
-        self.lost = True
-        # every rank numbers windows and replication rounds alike (the agreement compares them)
-        self.windows.next_window_id = int(resume["next_window_id"])
-        self.windows.last_round = int(resume["last_round"])
-        self.replicator.finished_round = int(resume["last_round"])  # none of its own in flight
-        self.first_iteration = int(resume["iteration"])
-        self.snapshots.next_window_start = self.first_iteration + 1
-        self._partners_checked = True  # the survivors checked data partners at the start
-
-    def keep(self) -> dict:
-        """A survivor of a failed generation: stop what runs in the background and say where
-        this rank's training state stands. Its model, optimizer, windows, replicas and logs
-        stay in memory for ``rebind`` in the next generation."""
-        from megatron_moetion.adapter.optimizer_state import detach_training_state
-
-        self.detector.liveness.stop(finished=False)
-        self.replicator.quiesce(self.cfg.timeout_s)
-        self.engine.wait_for_copies()
-        self._kept_state = detach_training_state(self.model, self.optimizer, self.scheduler)
-        if "stale_survivors" in negative_control():  # tests: survivors lose optimizer state
-            self._kept_state["main"] = [(n, a, b, m, {}) for n, a, b, m, _ in
-                                        self._kept_state["main"]]
-        # a rank the interrupted recovery was replaying holds a half-rebuilt state: it is
-        # restored again, as a failed rank, in the next generation
-        self._lost_again = self.recovery_role == "replaying"
-        self._release()
-        if self._stepped >= self.iteration:  # stopped after this iteration's optimizer step
-            return {"iteration": self.iteration + 1, "after_step": True}
-        self._resume_at = self.iteration
-        for kind in ("data", "fwd", "bwd", "record"):  # the aborted attempt's, partial
-            self.logs.drop_iteration(self.iteration, (kind,))
-        return {"iteration": self.iteration,
-                # the job's window and round numbering, which a spare continues
-                "next_window_id": self.windows.next_window_id,
-                "last_round": self.windows.last_round,
-                "optimizer_caches": self._kept_state["caches"],
-                "consumed_train_samples": self._start_state["consumed"],
-                "flops": self._start_state["flops"],
-                "last_checkpoint_iteration": self.last_checkpoint_iteration}
-
-    def _release(self) -> None:
-        """Drop every reference to the failed generation's Megatron objects and process
-        groups: a group's sockets close only once nothing refers to it, and peers blocked on
-        this rank are released by that."""
-        self.probe.uninstall()
-        self.snapshots.release()
-        self.model = self.optimizer = self.scheduler = None
-        self.bindings, self.router_buffers = [], []
-        self.control_group = self.replication_group = self.pp_group = None
-        self.pg_collection = self.transport = self.p2p = None
-        self.replicator.transport = None
-
-    def rebind(self, model, optimizer, scheduler, args) -> None:
-        """Next generation, on a survivor: move this rank's live training state into the
-        objects Megatron just built on the new process groups (nothing is read from disk or
-        replayed), and rebuild what points into groups, model or optimizer."""
-        from megatron_moetion.adapter.optimizer_state import transplant
-
-        self.args = args
-        transplant(self._kept_state, model, optimizer, scheduler)
-        self._kept_state = None
-        self._connect()
-        self.replicator.transport = self.transport
-        self._bind(model, optimizer, scheduler)
-        self.snapshots.rebind(self.bindings, optimizer, self._gather)
-        ts.restore_rng(self._start_state["rng"])
-        ts.restore_buffers(self.router_buffers, self._start_state["buffers"])
-        self.flow.replaying, self.flow.sources = False, {"fwd": {}, "bwd": {}}
-        self.lost, self.recovery_role = self._lost_again, None
-        self.detector = FailureDetector(self)
-        self.detector.start()
 
     def _gather(self, obj) -> list:
         out = [None] * self.world_size
@@ -439,7 +356,6 @@ class MoEtionSession:
         """After the replay: check the survivors, reset the paused ranks, fresh windows."""
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
-        from megatron_moetion.adapter.replay import negative_control
 
         start = self._start_state
         control = negative_control()
