@@ -122,10 +122,9 @@ def _module_state() -> dict:
 
 def _restore_module_state(state: dict) -> None:
     import copy
-    import sys as _sys
 
     for (name, key), value in state.items():
-        setattr(_sys.modules[name], key, copy.deepcopy(value))
+        setattr(sys.modules[name], key, copy.deepcopy(value))
 
 
 def _after_failure(membership: Membership, generation: int, rank: int,
@@ -160,9 +159,9 @@ def _after_failure(membership: Membership, generation: int, rank: int,
               "seconds_to_decision": time.monotonic() - t0}
     if decision.fallback:
         report["fallback_reason"] = decision.fallback
-        session.metrics.write({"rank": rank, **report})
-        _fall_back(membership, session, rank, decision.fallback)
     session.metrics.write({"rank": rank, **report})
+    if decision.fallback:
+        _fall_back(membership, session, rank, decision.fallback)
     megatron_hooks.keep_for_next_generation(session, decision.resume)
     return decision.generation
 
@@ -193,10 +192,12 @@ def _drop_frames(exc: BaseException | None) -> None:
 def _fall_back(membership: Membership, session, rank: int, reason: str) -> None:
     """No in-place replacement: stop for a restart from the persistent checkpoint."""
     from megatron_moetion.adapter.failure_detection import EXIT_PEER_LOST
-    from megatron_moetion.adapter.recovery import EXIT_RESTART_FROM_CHECKPOINT
+    from megatron_moetion.adapter.recovery import (
+        EXIT_RESTART_FROM_CHECKPOINT,
+        can_restart_from_checkpoint,
+    )
 
-    can = session.last_checkpoint_iteration is not None and bool(getattr(session.args, "save",
-                                                                         None))
+    can = can_restart_from_checkpoint(session)
     logger.error("[moetion] rank %d: %s; %s", rank, reason,
                  f"stopping for a restart from the checkpoint of iteration "
                  f"{session.last_checkpoint_iteration}" if can else
