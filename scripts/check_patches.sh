@@ -57,7 +57,7 @@ for mod in (arguments, training):
     assert mod.__file__.startswith(out), f"{mod.__name__} imported from {mod.__file__}, not {out}"
 from megatron_moetion import megatron_hooks
 expected = {
-    "arguments": {"add_arguments"},
+    "arguments": {"add_arguments", "validate_args"},
     "training": {"setup", "wrap_forward_backward_func", "on_train_step_start",
                  "on_optimizer_step_end", "on_train_step_end", "on_checkpoint_save",
                  "on_checkpoint_load", "shutdown"},

@@ -1,6 +1,20 @@
 """Which Megatron configurations MoEtion can snapshot and replay exactly; clear errors otherwise.
 
-Checked once at set-up against Megatron's ``args``: each refusal names the flag and says why.
+Checked against Megatron's ``args`` at the end of Megatron's ``validate_args`` (through
+``megatron_hooks.validate_args``), before any model is built, and again when the session is set
+up: each refusal names the flag and says why.
+
+A failed pipeline stage replays on its own from the upstream logs, so whatever couples the
+gradients of two stages inside ``finalize_model_grads``
+(``megatron/core/distributed/finalize_model_grads.py``) is refused. In megatron-core 0.19.2 the
+cross-stage collectives there are the word-embedding all-reduce between the first and the last
+stage (tied embeddings, or MTP), and the token-count broadcast of ``--calculate-per-token-loss``.
+The others stay inside one stage: position embeddings (their group is the first stage only),
+layer-norm grads with sequence parallelism (TP group), ``_update_router_expert_bias`` and the
+quantile-balancing bias (TP x DP x CP and DP x CP groups), and the conditional-embedder and
+Flextron router all-reduces are reached only by model configs no Megatron flag sets. (The grad
+norm and found-inf flag the optimizer reduces over all stages are recorded and injected during
+replay instead: ``adapter/optimizer_probe.py``.)
 """
 
 from __future__ import annotations
@@ -17,15 +31,23 @@ def check_supported(args, cfg: MoEtionConfig) -> None:
         problems.append(f"{flag}: {why}")
 
     if getattr(args, "virtual_pipeline_model_parallel_size", None):
-        refuse("--num-layers-per-virtual-pipeline-stage / interleaved pipelines",
+        refuse("--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank "
+               "(interleaved pipelines)",
                "upstream logs and replay are keyed by non-interleaved 1F1B micro-batches")
-    if getattr(args, "pipeline_model_parallel_size", 1) > 1 and not getattr(
-            args, "untie_embeddings_and_output_weights", False):
+    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+    if pp > 1 and not getattr(args, "untie_embeddings_and_output_weights", False):
         refuse("tied embeddings (add --untie-embeddings-and-output-weights)",
                "with PP > 1 tied embeddings all-reduce gradients between the first and last "
-               "stage, which a stage-local replay cannot reproduce")
-    if getattr(args, "calculate_per_token_loss", False) and getattr(
-            args, "pipeline_model_parallel_size", 1) > 1:
+               "stage (finalize_model_grads._allreduce_word_embedding_grads), which a "
+               "stage-local replay cannot reproduce")
+    if getattr(args, "mtp_num_layers", None) and pp > 1:
+        refuse("--mtp-num-layers with --pipeline-model-parallel-size > 1",
+               "the MTP stage keeps its own copy of the word embeddings, and whenever "
+               "config.mtp_num_layers is set (even with untied embeddings) "
+               "finalize_model_grads._allreduce_word_embedding_grads all-reduces its gradient "
+               "with the first stage's copy every iteration, which a stage-local replay "
+               "cannot reproduce")
+    if getattr(args, "calculate_per_token_loss", False) and pp > 1:
         refuse("--calculate-per-token-loss", "broadcasts token counts across pipeline stages "
                "inside the gradient finalisation, which a stage-local replay cannot reproduce")
     if getattr(args, "cuda_graph_impl", "none") not in (None, "none"):
