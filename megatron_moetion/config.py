@@ -100,9 +100,11 @@ class MoEtionConfig:
     oracle_dir: str = field(
         default="",
         metadata=_help(
-            "Dump per-iteration losses and grad norms and, at the end, the parameters and "
-            "optimizer state of every rank here, for the bitwise determinism oracle. Works "
-            "with --moetion off too."
+            "Dump per-iteration losses (lm, MoE aux, MTP) and grad norms and, every 4th "
+            "iteration ($MOETION_ORACLE_INTERVAL) and at the end, everything each rank holds "
+            "(parameters, optimizer state and parameter groups, buffers, LR scheduler, RNG "
+            "streams, loss scale, consumed samples) here, for the bitwise determinism oracle. "
+            "Works with --moetion off too."
         ),
     )
     reorder_threshold: float = field(
@@ -131,6 +133,19 @@ class MoEtionConfig:
             "Replication sends windows in chunks of this many MiB, so it never holds up a "
             "training collective for long.",
             allowed=(lambda v: v >= 1, "an integer >= 1"),
+        ),
+    )
+    host_memory_cap_mb: int = field(
+        default=0,
+        metadata=_help(
+            "Cap in MiB on the host memory MoEtion holds per rank (its windows, the buddy "
+            "copies it keeps, upstream logs). Logs are dropped only when a window is promoted, "
+            "which stalls while replication does; past the cap the oldest logs are dropped "
+            "(one warning), and a failure that needs them falls back to the persistent "
+            "checkpoint. 0 sizes it automatically: room for 3 own windows and 3 copies per "
+            "rank this one is a buddy of, plus the logs of 3W + 2*max(W, R) iterations, R the "
+            "longest acknowledged replication round (normal operation needs 2W + 2R).",
+            allowed=(lambda v: v >= 0, "an integer >= 0 (0 = automatic)"),
         ),
     )
     timeout_s: float = field(
@@ -188,6 +203,10 @@ class MoEtionConfig:
     @property
     def replication_chunk_bytes(self) -> int:
         return self.replication_chunk_mb * (1 << 20)
+
+    @property
+    def host_memory_cap_bytes(self) -> int:
+        return self.host_memory_cap_mb * (1 << 20)
 
 
 def _argparse_type(kind, f: dataclasses.Field):

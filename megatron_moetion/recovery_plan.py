@@ -7,6 +7,12 @@ can load (survivors from their own memory, failed ranks from a surviving buddy) 
 log the replay needs is still held, and lists the transfers in one global order. Every rank
 computes the same plan from the same gathered table.
 
+Log coverage is a contiguous range of iterations (``LogStore.coverage``). Logs dropped early
+because host memory hit its cap (``--moetion-host-memory-cap-mb``) shorten it, so a window whose
+replay would need them is passed over, and with none left the plan is a fallback: never a replay
+with missing inputs. Micro-batches and global scalars a replaying rank lacks (lost with it, or
+dropped) come from a rank that holds them (its pipeline partner; any rank).
+
 The replay covers ``anchor_start + 1 .. fault_iteration - 1``: the first ``window - 1``
 iterations convert the sparse window into a dense state, the rest catch up. The aborted
 iteration itself is then run again by every rank as a normal iteration.
@@ -148,7 +154,8 @@ def plan_recovery(topology: Topology, failed: list[int], fault_iteration: int,
                     transfers.append(Transfer(kind, neighbour, r, iterations=(lo, hi)))
             if _reads_data(topology, r):
                 need = (lo, fault_iteration)
-                if r in failed_t and not _covers(holdings[r].logs.get("data"), *need):
+                if not _covers(holdings[r].logs.get("data"), *need):
+                    # lost with the rank, or dropped (host-memory cap): its partner read them too
                     partner = topology.data_partner(r)
                     if (partner is None or holdings[partner].lost
                             or not holdings[r].data_partner_ok
@@ -157,9 +164,7 @@ def plan_recovery(topology: Topology, failed: list[int], fault_iteration: int,
                                    f"(its pipeline partner {partner} cannot supply them)")
                     else:
                         transfers.append(Transfer("data", partner, r, iterations=need))
-                elif not _covers(holdings[r].logs.get("data"), *need):
-                    lost[r] = f"its own data log for iterations {need[0]}-{need[1]}"
-        for r in failed_t:
+        for r in replaying:  # a survivor may have dropped old records (host-memory cap) too
             if lo > hi or _covers(holdings[r].logs.get("record"), lo, hi):
                 continue
             source = next((s for s in alive if s != r

@@ -7,6 +7,14 @@ checksums match and acknowledges it; a window is *acked* on its owner once every
 acknowledged it. A failed or slow round never raises into training: it is logged and counted,
 and the window simply stays un-acked.
 
+What a rank keeps for each rank it is a buddy of is bounded whether or not promotion keeps up:
+the copy of the persisted window and the newest copy (plus the one arriving). A copy between
+the two can never become the persisted window (only the newest shipped window is ever
+promoted), so it is returned to the host-buffer pool as soon as a newer one is kept.
+
+The group is gloo on every machine: the windows live in (pinned) host memory, and this module's
+thread must never issue NCCL operations concurrently with training's (docs/design.md).
+
 Call order (all ranks)::
 
     start_round(window)        # main thread, at a window boundary
@@ -63,6 +71,13 @@ class ReplicaStore:
             for wid in [w for w in windows if w not in keep]:
                 pool.put(windows.pop(wid).buffer)
 
+    def drop_between(self, owner: int, floor: int, newest: int, pool: HostBufferPool) -> None:
+        """Return ``owner``'s copies newer than ``floor`` (the persisted window) and older than
+        ``newest`` to the pool: none of them can be persisted any more."""
+        windows = self.copies.get(owner, {})
+        for wid in [w for w in windows if floor < w < newest]:
+            pool.put(windows.pop(wid).buffer)
+
     def clear(self, pool: HostBufferPool) -> None:
         self.drop(set(), pool)
 
@@ -97,6 +112,8 @@ class Replicator:
         self.history: list[RoundStats] = []
         self.failures = 0
         self.corrupt_detected = 0
+        self.persisted_floor = -1  # the persisted window (drop_older_than): copies kept
+        self.largest_copy = 0  # bytes of the largest copy kept (host-memory cap sizing)
         self._thread = threading.Thread(target=self._run, name="moetion-replication", daemon=True)
         self._thread.start()
 
@@ -140,6 +157,7 @@ class Replicator:
         """Free every copy older than ``window_id`` (the persisted window); newer copies are
         windows still being acknowledged and are kept."""
         with self._lock:
+            self.persisted_floor = max(self.persisted_floor, window_id)
             keep = {wid for copies in self.store.copies.values() for wid in copies
                     if wid >= window_id}
             self.store.drop(keep, self.pool)
@@ -210,6 +228,8 @@ class Replicator:
                     copy = unpack_meta(got.parcel.blob, got.parcel.data)
                     copy.crc = got.parcel.crc_data
                     self.store.put(owner, copy)
+                    self.store.drop_between(owner, self.persisted_floor, wid, self.pool)
+                    self.largest_copy = max(self.largest_copy, copy.buffer.numel())
                 else:
                     self.pool.put(got.parcel.data)
             ack = self.transport.exchange_ints(send_to=owner, values=[wid, int(keep)],
@@ -221,9 +241,12 @@ class Replicator:
 
 
 def new_group_for(ranks=None, backend: str = "gloo", timeout_s: float = 300.0):
-    """A process group of MoEtion's own (every rank must call this in the same order)."""
+    """A process group of MoEtion's own (every rank must call this in the same order): gloo,
+    whatever the device (see the module docstring); another ``backend`` is refused."""
     from datetime import timedelta
 
     import torch.distributed as dist
 
-    return dist.new_group(ranks=ranks, backend=backend, timeout=timedelta(seconds=timeout_s))
+    if backend != "gloo":
+        raise ValueError(f"MoEtion's replication group is gloo on every machine; got {backend!r}")
+    return dist.new_group(ranks=ranks, backend="gloo", timeout=timedelta(seconds=timeout_s))

@@ -14,8 +14,23 @@ Call order per iteration (one rank)::
 
 On GPU the copies run on a side stream into pinned memory, after an event recorded on the
 training stream (the optimizer step is done), and ``wait_for_copies`` makes the training
-stream wait for them before the next optimizer step, the only writer of what they read. On
-CPU the copies are plain memcpy, done before ``capture`` returns.
+stream wait for them before the next optimizer step. That is enough only for what the optimizer
+step alone writes (main weights, Adam state, compute weights). Capture items that are written
+*outside* the optimizer step are marked ``CaptureItem.written_outside_step``: the router buffers
+(``expert_bias`` is updated by Megatron's ``finalize_model_grads`` at the end of the next
+backward, the token counters are accumulated by the next forward), which the side-stream copy
+could otherwise read half-updated. The engine snapshots those on the training stream before
+``capture`` returns (a device-side clone, ordered after the step and before the next forward;
+they are a few floats per layer), and only the copy of that clone to the host runs on the side
+stream. Nothing a side-stream copy reads can therefore change before ``wait_for_copies``.
+A window buffer is never handed back to the pool while a copy into it may be pending
+(``release`` waits for it), and ``seal`` waits too, before anyone reads the bytes. On CPU the
+copies are plain memcpy, done before ``capture`` returns.
+
+The asynchronous path goes through a *copier* (``SideStreamCopies`` on CUDA): ``launch`` queues
+copies after the work already issued on the training stream, ``order_before_current`` makes the
+training stream wait for them, ``synchronize`` blocks the host. Tests inject a copier that
+defers copies on CPU, to check the ordering rules above without a GPU.
 """
 
 from __future__ import annotations
@@ -62,12 +77,18 @@ class ItemSpec:
 
 @dataclass(frozen=True, slots=True)
 class CaptureItem:
-    """A live tensor region to capture: ``source`` is a 1-D view of what to copy."""
+    """A live tensor region to capture: ``source`` is a 1-D view of what to copy.
+
+    ``written_outside_step``: the tensor may change before the next optimizer step (router
+    buffers: the next forward and backward write them), so an asynchronous capture snapshots it
+    on the training stream before ``capture`` returns (see the module docstring).
+    """
 
     key: str
     op: str
     mode: str
     source: torch.Tensor
+    written_outside_step: bool = False
 
 
 @dataclass(frozen=True)
@@ -228,6 +249,54 @@ class HostBufferPool:
         with self._lock:
             return sum(b.numel() for b in self._free)
 
+    def trim(self) -> int:
+        """Let go of every free buffer (host memory over its cap); return the bytes freed.
+        The next ``get`` of that size allocates again."""
+        with self._lock:
+            freed, self._free = sum(b.numel() for b in self._free), []
+        return freed
+
+
+class SideStreamCopies:
+    """Device-to-host copies on a CUDA side stream: the engine's and the logs' copier.
+
+    Args:
+        device: the CUDA device the sources live on.
+        stream: the side stream (created if None).
+    """
+
+    pinned = True  # destinations are pinned host memory
+
+    def __init__(self, device: torch.device, stream=None):
+        self.device = torch.device(device)
+        self.stream = stream or torch.cuda.Stream(device=self.device)
+
+    def launch(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               keep_alive: Sequence[torch.Tensor] = ()):
+        """Queue ``dst.copy_(src)`` for every pair after what the training stream has issued so
+        far; ``keep_alive`` tensors are not reused by the allocator before the copies ran.
+        Returns an event (the handle for the two calls below)."""
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            for t in keep_alive:
+                if t.is_cuda:
+                    t.record_stream(self.stream)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
+
+    def order_before_current(self, handle) -> None:
+        """Work issued on the training stream from now on runs after the copies."""
+        torch.cuda.current_stream(self.device).wait_event(handle)
+
+    def synchronize(self, handle) -> None:
+        """Block the host until the copies (and every copy launched before them) are done."""
+        handle.synchronize()
+
 
 class SnapshotEngine:
     """Captures operator state into window buffers; see the module docstring for call order.
@@ -235,14 +304,18 @@ class SnapshotEngine:
     Args:
         device: the device the training tensors live on (``cpu`` or a CUDA device).
         stream: side stream for device-to-host copies (CUDA only; created if None).
+        copier: the asynchronous copier (default: ``SideStreamCopies`` on CUDA, none on CPU,
+            where copies are synchronous); tests inject one to run the asynchronous path on CPU.
     """
 
-    def __init__(self, device: torch.device, stream=None):
+    def __init__(self, device: torch.device, stream=None, copier=None):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.pool = HostBufferPool(pinned=self.cuda)
-        self.stream = (stream or torch.cuda.Stream(device=self.device)) if self.cuda else None
-        self._pending = None  # CUDA event of the last capture
+        if copier is None and self.cuda:
+            copier = SideStreamCopies(self.device, stream)
+        self.copier = copier
+        self.pool = HostBufferPool(pinned=bool(getattr(copier, "pinned", False)))
+        self._pending = None  # copier handle of the last capture not known to be done
         self.last_copy_s = 0.0
         self.last_copy_bytes = 0
 
@@ -253,6 +326,7 @@ class SnapshotEngine:
 
     def release(self, window: Window | None) -> None:
         if window is not None and window.buffer is not None:
+            self.synchronize()  # a pending copy may still be writing into this buffer
             self.pool.put(window.buffer)
             window.buffer = None
 
@@ -265,22 +339,21 @@ class SnapshotEngine:
                              f"items, got {len(items)}")
         start = time.perf_counter()
         nbytes = 0
-        if self.cuda:
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.stream):
-                self.stream.wait_event(ready)
-                for spec, item in zip(specs, items):
-                    window.view(spec).copy_(item.source.reshape(-1), non_blocking=True)
-                    nbytes += spec.nbytes
-                done = torch.cuda.Event()
-                done.record(self.stream)
-            self._pending = done
-        else:
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.copier is None:
                 for spec, item in zip(specs, items):
                     window.view(spec).copy_(item.source.reshape(-1))
                     nbytes += spec.nbytes
+            else:
+                pairs, staged = [], []
+                for spec, item in zip(specs, items):
+                    src = item.source.reshape(-1)
+                    if item.written_outside_step:  # snapshot now, in training-stream order
+                        src = src.clone()
+                        staged.append(src)
+                    pairs.append((window.view(spec), src))
+                    nbytes += spec.nbytes
+                self._pending = self.copier.launch(pairs, keep_alive=staged)
         window.slot_meta[slot] = dict(meta)
         self.last_copy_s = time.perf_counter() - start
         self.last_copy_bytes = nbytes
@@ -291,13 +364,14 @@ class SnapshotEngine:
         if self._pending is None:
             return 0.0
         start = time.perf_counter()
-        torch.cuda.current_stream(self.device).wait_event(self._pending)
+        self.copier.order_before_current(self._pending)
         return time.perf_counter() - start
 
     def synchronize(self) -> None:
         """Block the host until the last capture has landed (before reading the buffer)."""
         if self._pending is not None:
-            self._pending.synchronize()
+            self.copier.synchronize(self._pending)
+            self._pending = None
 
     def seal(self, window: Window) -> None:
         """Freeze a complete window: its metadata blob. The checksum is left to whoever reads

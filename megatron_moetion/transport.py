@@ -7,8 +7,11 @@ rounds), by recovery (pulling a window from a buddy) and to ship upstream logs.
 
 Call order: both sides call with the same ``tag``; ``exchange`` posts a send and a receive at
 once (every rank of a ring sends to one peer while receiving from another); ``send``/``recv``
-are the one-sided halves. Every wait is bounded by the process group's timeout. On a NCCL group
-chunks are staged through a device buffer; on gloo they go straight from host memory.
+are the one-sided halves. Every wait is bounded by the process group's timeout.
+
+The group must be gloo, on GPU machines too: parcels live in (pinned) host memory and go
+straight from there, and the replication thread that drives most transfers must never issue
+NCCL operations concurrently with training's own (see docs/design.md, "Where replicas go").
 """
 
 from __future__ import annotations
@@ -55,28 +58,25 @@ class ProcessGroupTransport:
     """Checksummed parcels over ``group`` (see module docstring).
 
     Args:
-        group: a process group used only by MoEtion.
+        group: a gloo process group used only by MoEtion (anything else is refused).
         chunk_bytes: the tensor is sent in chunks of at most this many bytes.
-        stage_device: for NCCL groups, the CUDA device used to stage chunks.
     """
 
-    def __init__(self, group, chunk_bytes: int = 16 << 20, stage_device=None):
+    def __init__(self, group, chunk_bytes: int = 16 << 20):
+        backend = str(dist.get_backend(group))
+        if backend != "gloo":
+            raise ValueError(f"MoEtion's transport needs a gloo process group (host buffers, "
+                             f"a background thread); got a {backend} group")
         self.group = group
         self.chunk_bytes = chunk_bytes
-        self.stage_device = stage_device
         self.bytes_sent = 0
         self.bytes_received = 0
 
     def _isend(self, tensor: torch.Tensor, dst: int, tag: int):
-        if self.stage_device is not None:
-            tensor = tensor.to(self.stage_device, non_blocking=False)
         return dist.isend(tensor, dst=dst, group=self.group, tag=tag), tensor
 
     def _irecv(self, tensor: torch.Tensor, src: int, tag: int):
-        if self.stage_device is not None:
-            staged = torch.empty_like(tensor, device=self.stage_device)
-            return dist.irecv(staged, src=src, group=self.group, tag=tag), (tensor, staged)
-        return dist.irecv(tensor, src=src, group=self.group, tag=tag), None
+        return dist.irecv(tensor, src=src, group=self.group, tag=tag)
 
     def exchange(self, *, send_to: int | None, parcel: Parcel | None, recv_from: int | None,
                  tag: int, alloc: Callable[[int], torch.Tensor] | None = None,
@@ -99,17 +99,14 @@ class ProcessGroupTransport:
             reqs.append(w)
             keep.append(t)
         if recv_from is not None:
-            w, staged = self._irecv(header_in, recv_from, base)
-            reqs.append(w)
+            reqs.append(self._irecv(header_in, recv_from, base))
         self._wait(reqs)
-        if recv_from is not None and self.stage_device is not None:
-            header_in.copy_(staged[1])
         in_n, in_blob_n = int(header_in[0]), int(header_in[1])
         data_in = alloc(in_n) if recv_from is not None else None
         chunk = self.chunk_bytes
         n_chunks = max((out_n + chunk - 1) // chunk, (in_n + chunk - 1) // chunk)
         for c in range(n_chunks):
-            reqs, stages = [], []
+            reqs = []
             a = c * chunk
             if send_to is not None and a < out_n:
                 piece = parcel.data[a:min(a + chunk, out_n)]
@@ -120,14 +117,9 @@ class ProcessGroupTransport:
                 reqs.append(w)
                 keep.append(t)
             if recv_from is not None and a < in_n:
-                w, staged = self._irecv(data_in[a:min(a + chunk, in_n)], recv_from, base + 1)
-                reqs.append(w)
-                if staged is not None:
-                    stages.append(staged)
+                reqs.append(self._irecv(data_in[a:min(a + chunk, in_n)], recv_from, base + 1))
             self._wait(reqs)
-            for host, dev in stages:
-                host.copy_(dev)
-        reqs, stages = [], []
+        reqs = []
         blob_in = torch.empty(in_blob_n, dtype=torch.uint8)
         if send_to is not None and parcel.blob:
             blob_out = torch.frombuffer(bytearray(parcel.blob), dtype=torch.uint8)
@@ -135,13 +127,8 @@ class ProcessGroupTransport:
             reqs.append(w)
             keep.append(t)
         if recv_from is not None and in_blob_n:
-            w, staged = self._irecv(blob_in, recv_from, base + 2)
-            reqs.append(w)
-            if staged is not None:
-                stages.append(staged)
+            reqs.append(self._irecv(blob_in, recv_from, base + 2))
         self._wait(reqs)
-        for host, dev in stages:
-            host.copy_(dev)
         self.bytes_sent += out_n + (len(parcel.blob) if parcel is not None else 0)
         if recv_from is None:
             return None
@@ -164,17 +151,14 @@ class ProcessGroupTransport:
 
     def exchange_ints(self, *, send_to: int | None, values: list[int] | None,
                       recv_from: int | None, n: int, tag: int) -> list[int] | None:
-        reqs, out, staged = [], torch.zeros(n, dtype=torch.int64), None
+        reqs, out = [], torch.zeros(n, dtype=torch.int64)
         if send_to is not None:
             w, _ = self._isend(torch.tensor(values, dtype=torch.int64), send_to,
                                tag * _CHUNK_TAG_STRIDE + 3)
             reqs.append(w)
         if recv_from is not None:
-            w, staged = self._irecv(out, recv_from, tag * _CHUNK_TAG_STRIDE + 3)
-            reqs.append(w)
+            reqs.append(self._irecv(out, recv_from, tag * _CHUNK_TAG_STRIDE + 3))
         self._wait(reqs)
-        if staged is not None:
-            out.copy_(staged[1])
         return [int(x) for x in out] if recv_from is not None else None
 
     @staticmethod

@@ -10,29 +10,29 @@ Three kinds of entries, all keyed by iteration:
   found-inf flags, whether the step was applied, micro-batch count, samples consumed).
 
 Entries at or before the start of the persisted window are dropped (``truncate``): replay
-never needs them. On GPU, boundary tensors are copied on a side stream into pinned memory
-(``record_stream`` keeps the source alive until the copy ran); on CPU they are cloned.
+never needs them. While window promotion stalls nothing would be dropped, so a host-memory
+budget (``window_manager.HostMemoryCap``, ``--moetion-host-memory-cap-mb``) is consulted on
+every write and may drop the oldest iterations early (``shed``); either way the *floor* rises
+(iterations at or below it are gone, and later writes for them are ignored, so no iteration is
+ever held in part) and ``coverage`` reports only the contiguous run of iterations actually held,
+which is what recovery planning checks before it relies on a log.
+
+On GPU, boundary tensors are copied on a side stream into pinned memory (the source is kept
+alive until the copy ran); on CPU they are cloned. Every accessor that hands out logged values
+(``boundary``, ``data``, ``records``, ``data_for``, ``export``) first waits for the pending
+copies, so no reader (shipping logs to a recovering peer, replay) can see a tensor still being
+written.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Iterable
+from types import MappingProxyType
 
 import torch
 
 BoundaryKey = tuple[int, int, int, str]  # iteration, microbatch, chunk, direction
-
-
-def _host_copy(t: torch.Tensor, stream) -> torch.Tensor:
-    if t.is_cuda:
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        with torch.cuda.stream(stream):
-            stream.wait_stream(torch.cuda.current_stream(t.device))
-            out.copy_(t.detach(), non_blocking=True)
-            t.record_stream(stream)
-        return out
-    return t.detach().clone()
 
 
 def _to_host(obj):
@@ -60,82 +60,178 @@ class LogStore:
 
     Args:
         device: the training device (CUDA: asynchronous copies into pinned memory).
+        copier: the asynchronous copier (default: ``snapshot.SideStreamCopies`` on CUDA, none
+            on CPU); tests inject one to run the asynchronous path on CPU.
+
+    Attributes:
+        budget: consulted after every write (``budget.check(iteration)``), may call ``shed``.
+        floor: iterations at or below it were dropped.
+        dropped_iterations: iterations dropped early by ``shed`` (not by ``truncate``).
+        peak_iteration_bytes: the most bytes one iteration's entries ever took.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, copier=None):
         self.device = torch.device(device)
-        self.stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" \
-            else None
-        self.boundary: dict[BoundaryKey, torch.Tensor] = {}
-        self.data: dict[tuple[int, int], object] = {}
-        self.records: dict[int, dict] = {}
-        self.floor = 0  # iterations <= floor were dropped
+        if copier is None and self.device.type == "cuda":
+            from megatron_moetion.snapshot import SideStreamCopies
+
+            copier = SideStreamCopies(self.device)
+        self.copier = copier
+        self._boundary: dict[BoundaryKey, torch.Tensor] = {}
+        self._data: dict[tuple[int, int], object] = {}
+        self._records: dict[int, dict] = {}
+        self._bytes: dict[int, int] = {}  # iteration -> bytes held (every iteration with entries)
+        self._total = 0
+        self._pending = None  # copier handle of the last asynchronous copy not known done
+        self.floor = 0
+        self.budget = None
+        self.dropped_iterations = 0
+        self.peak_iteration_bytes = 0
+
+    # --------------------------------------------------------------- accounting
+    def _count(self, iteration: int, delta: int) -> None:
+        held = self._bytes.get(iteration, 0) + delta
+        self._bytes[iteration] = held
+        self._total += delta
+        self.peak_iteration_bytes = max(self.peak_iteration_bytes, held)
+
+    def _put(self, table: dict, key, iteration: int, value) -> None:
+        old = table.get(key)
+        if old is not None:
+            self._count(iteration, -_nbytes(old))
+        table[key] = value
+        self._count(iteration, _nbytes(value))
+
+    def _written(self, iteration: int) -> None:
+        if self.budget is not None:
+            self.budget.check(iteration)
 
     # --------------------------------------------------------------- writing
     def log_send(self, key: BoundaryKey, tensor: torch.Tensor, *, only_if_missing=False) -> None:
-        if only_if_missing and key in self.boundary:
+        if key[0] <= self.floor or (only_if_missing and key in self._boundary):
             return
-        self.boundary[key] = _host_copy(tensor, self.stream)
+        src = tensor.detach()
+        if self.copier is None:
+            out = src.clone()
+        else:
+            out = torch.empty(src.shape, dtype=src.dtype, pin_memory=self.copier.pinned)
+            self._pending = self.copier.launch([(out, src)], keep_alive=(src,))
+        self._put(self._boundary, key, key[0], out)
+        self._written(key[0])
 
     def log_data(self, iteration: int, index: int, item, *, only_if_missing=False) -> None:
-        if only_if_missing and (iteration, index) in self.data:
+        if iteration <= self.floor or (only_if_missing and (iteration, index) in self._data):
             return
-        self.data[(iteration, index)] = _to_host(item)
+        self._put(self._data, (iteration, index), iteration, _to_host(item))
+        self._written(iteration)
 
     def log_record(self, iteration: int, record: dict) -> None:
-        self.records[iteration] = dict(record)
+        if iteration <= self.floor:
+            return
+        self._put(self._records, iteration, iteration, dict(record))
+        self._written(iteration)
 
     def synchronize(self) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()
+        """Wait until every boundary copy has landed (every value accessor calls this)."""
+        if self._pending is not None:
+            self.copier.synchronize(self._pending)
+            self._pending = None
 
     # --------------------------------------------------------------- reading
+    @property
+    def boundary(self) -> MappingProxyType:
+        self.synchronize()
+        return MappingProxyType(self._boundary)
+
+    @property
+    def data(self) -> MappingProxyType:
+        self.synchronize()
+        return MappingProxyType(self._data)
+
+    @property
+    def records(self) -> MappingProxyType:
+        self.synchronize()
+        return MappingProxyType(self._records)
+
     def data_for(self, iteration: int) -> list:
-        items = sorted((idx, v) for (it, idx), v in self.data.items() if it == iteration)
+        self.synchronize()
+        items = sorted((idx, v) for (it, idx), v in self._data.items() if it == iteration)
         return [v for _, v in items]
 
     def iterations(self, kind: str) -> set[int]:
         if kind == "record":
-            return set(self.records)
+            return set(self._records)
         if kind == "data":
-            return {it for it, _ in self.data}
-        return {it for it, _, _, d in self.boundary if d == kind}
+            return {it for it, _ in self._data}
+        return {it for it, _, _, d in self._boundary if d == kind}
 
     def nbytes(self) -> int:
-        return (sum(_nbytes(t) for t in self.boundary.values())
-                + sum(_nbytes(v) for v in self.data.values()))
+        return self._total
 
     # --------------------------------------------------------------- lifetime
+    def _drop_through(self, floor: int) -> None:
+        self.floor = max(self.floor, floor)
+        self._boundary = {k: v for k, v in self._boundary.items() if k[0] > self.floor}
+        self._data = {k: v for k, v in self._data.items() if k[0] > self.floor}
+        self._records = {k: v for k, v in self._records.items() if k > self.floor}
+        for it in [it for it in self._bytes if it <= self.floor]:
+            self._total -= self._bytes.pop(it)
+
     def truncate(self, floor: int) -> None:
         """Drop everything of iterations <= ``floor``."""
-        self.floor = max(self.floor, floor)
-        self.boundary = {k: v for k, v in self.boundary.items() if k[0] > self.floor}
-        self.data = {k: v for k, v in self.data.items() if k[0] > self.floor}
-        self.records = {k: v for k, v in self.records.items() if k > self.floor}
+        self._drop_through(floor)
+
+    def shed(self, limit_bytes: int, keep_from: int) -> int:
+        """Drop the oldest iterations, never ``keep_from`` or later (the iteration being logged,
+        which a re-run of an aborted attempt reads back), until at most ``limit_bytes`` are
+        held; return how many iterations were dropped."""
+        total, floor, dropped = self._total, None, 0
+        for it in sorted(self._bytes):
+            if total <= limit_bytes or it >= keep_from:
+                break
+            total -= self._bytes[it]
+            floor, dropped = it, dropped + 1
+        if floor is not None:
+            self._drop_through(floor)
+            self.dropped_iterations += dropped
+        return dropped
 
     def drop_iteration(self, iteration: int, kinds: Iterable[str] = ("fwd", "bwd")) -> None:
         """Forget what was logged for ``iteration`` (an aborted attempt)."""
         kinds = set(kinds)
-        self.boundary = {k: v for k, v in self.boundary.items()
-                         if not (k[0] == iteration and k[3] in kinds)}
+        gone = [k for k in self._boundary if k[0] == iteration and k[3] in kinds]
         if "data" in kinds:
-            self.data = {k: v for k, v in self.data.items() if k[0] != iteration}
+            gone_data = [k for k in self._data if k[0] == iteration]
+        else:
+            gone_data = []
+        for k in gone:
+            self._count(iteration, -_nbytes(self._boundary.pop(k)))
+        for k in gone_data:
+            self._count(iteration, -_nbytes(self._data.pop(k)))
+        if "record" in kinds and iteration in self._records:
+            self._count(iteration, -_nbytes(self._records.pop(iteration)))
 
     def wipe(self) -> None:
-        self.boundary.clear()
-        self.data.clear()
-        self.records.clear()
+        """Forget everything (lose_state), including what was dropped: a wiped rank rebuilds
+        its logs from whatever iterations its recovery replays."""
+        self._boundary.clear()
+        self._data.clear()
+        self._records.clear()
+        self._bytes.clear()
+        self._total = 0
+        self.floor = 0
 
     # --------------------------------------------------------------- shipping
     def export(self, kind: str, iterations: Iterable[int]) -> bytes:
         """Serialise the entries of ``kind`` for ``iterations`` (tensors as raw tensors)."""
+        self.synchronize()
         its = set(iterations)
         if kind == "record":
-            payload = {it: self.records[it] for it in sorted(its) if it in self.records}
+            payload = {it: self._records[it] for it in sorted(its) if it in self._records}
         elif kind == "data":
-            payload = {k: v for k, v in self.data.items() if k[0] in its}
+            payload = {k: v for k, v in self._data.items() if k[0] in its}
         else:
-            payload = {k: v for k, v in self.boundary.items() if k[0] in its and k[3] == kind}
+            payload = {k: v for k, v in self._boundary.items() if k[0] in its and k[3] == kind}
         buf = io.BytesIO()
         torch.save(payload, buf)
         return buf.getvalue()
@@ -146,17 +242,28 @@ class LogStore:
 
     def absorb(self, kind: str, entries: dict) -> None:
         """Keep data or records received from another rank: a failed rank rebuilds its own
-        logs this way (boundary logs it rebuilds by logging its replayed sends)."""
+        logs this way (boundary logs it rebuilds by logging its replayed sends). Received
+        entries are kept even below the floor: the replay they were sent for reads them."""
         if kind == "record":
             for it, rec in entries.items():
-                self.records.setdefault(it, rec)
+                if it not in self._records:
+                    self._put(self._records, it, it, rec)
         elif kind == "data":
             for k, v in entries.items():
-                self.data.setdefault(k, v)
+                if k not in self._data:
+                    self._put(self._data, k, k[0], v)
         else:
             raise ValueError(f"cannot absorb {kind!r} entries; only 'data' and 'record'")
 
     def coverage(self, kind: str) -> tuple[int, int] | None:
-        """(first, last) iteration held for ``kind``, or None."""
+        """(first, last) of the newest contiguous run of iterations held for ``kind``, or None.
+        An iteration missing in the middle (dropped, or never logged) ends the run there, so a
+        range reported here is one whose every iteration is held."""
         its = self.iterations(kind)
-        return (min(its), max(its)) if its else None
+        if not its:
+            return None
+        hi = max(its)
+        lo = hi
+        while lo - 1 in its:
+            lo -= 1
+        return lo, hi

@@ -6,6 +6,15 @@ ranks learn from the agreement). When a window completes while the previous repl
 has not finished on every rank, it is skipped (its buffer reused) rather than queued, so host
 memory stays bounded; the decision uses agreed values, so every rank skips the same windows
 and replication rounds stay paired.
+
+``HostMemoryCap`` bounds everything MoEtion holds in host memory on a rank (its windows, the
+buddy copies it keeps, the free buffers of the pool, the upstream logs) by
+``--moetion-host-memory-cap-mb``. Windows and copies are bounded by construction (three own
+windows, at most three copies per rank this one is a buddy of); logs are not: they are dropped
+only when a window is promoted, and promotion stalls while replication does. Past the cap the
+free pool buffers go first, then the oldest logs (``LogStore.shed``), with one warning; the logs'
+coverage then starts later, and recovery planning falls back (to an older anchor, or to the
+persistent checkpoint) wherever it would have needed them, never replaying without them.
 """
 
 from __future__ import annotations
@@ -16,8 +25,17 @@ from megatron_moetion.agreement import Agreement
 from megatron_moetion.replication import Replicator
 from megatron_moetion.snapshot import SnapshotEngine, Window, WindowLayout
 from megatron_moetion.storage import PersistWriter
+from megatron_moetion.upstream_log import LogStore
 
 logger = logging.getLogger(__name__)
+
+CAP_FLAG = "--moetion-host-memory-cap-mb"
+# The automatic cap: room for the windows a rank may hold at once (3 own + 3 per owner) and for
+# the logs of 3W + 2 * max(W, R) iterations, R the longest acknowledged replication round in
+# iterations. With rounds of R, logs reach from the persisted window's start to the next
+# promotion: at most 2W + 2R iterations; one more window is headroom. Only a stalled promotion
+# (rounds that finish unacknowledged, or hang) goes past it.
+OWN_WINDOWS, COPIES_PER_OWNER, AUTO_HEADROOM_WINDOWS = 3, 3, 1
 
 
 class WindowManager:
@@ -36,11 +54,16 @@ class WindowManager:
         self.last_round = -1  # id of the latest window shipped (every rank ships the same ids)
         self.skipped = 0
         self.shipped_count = 0
+        self.largest_window = (0, 0)  # (bytes, W) of the largest window opened so far
+        self.longest_round_iters = 0  # the longest acknowledged round, in iterations
+        self._ticks = 0  # advance() calls: one per iteration
+        self._round: tuple[int, int] | None = None  # (window id, tick) of the round running
 
     def open(self, start_iteration: int, layout: WindowLayout, meta: dict) -> Window:
         if self.current is not None:
             self.engine.release(self.current)
         self.current = self.engine.begin_window(self.next_window_id, start_iteration, layout, meta)
+        self.largest_window = max(self.largest_window, (layout.total_bytes, len(layout.slots)))
         self.open_id = self.next_window_id
         self.next_window_id += 1
         return self.current
@@ -74,11 +97,19 @@ class WindowManager:
             self._release(self.shipped)
         self.shipped = window
         self.shipped_count += 1
+        self._round = (window.window_id, self._ticks)
         self.replicator.start_round(window, corrupt=corrupt)
         return "shipped"
 
     def advance(self, agreed: Agreement) -> Window | None:
-        """Promote the shipped window once every rank's buddies acknowledged it."""
+        """Promote the shipped window once every rank's buddies acknowledged it (called once
+        per iteration; also times the replication rounds, in iterations)."""
+        self._ticks += 1
+        if self._round is not None and agreed.finished_round >= self._round[0]:
+            if agreed.acked_window >= self._round[0]:
+                self.longest_round_iters = max(self.longest_round_iters,
+                                               self._ticks - self._round[1])
+            self._round = None
         if self.shipped is None or agreed.acked_window < self.shipped.window_id:
             return None
         if self.shipped is self.persisted:
@@ -127,3 +158,75 @@ class WindowManager:
                   if w is not None}.values():
             self._release(w)
         self.current = self.shipped = self.persisted = None
+
+
+class HostMemoryCap:
+    """The host-memory bound of one rank (see the module docstring); the logs call ``check``
+    after every write.
+
+    Args:
+        cap_bytes: the cap; 0 sizes it from the windows (``limit``).
+        windows: this rank's window manager (own windows and the buffer pool).
+        replicator: the buddy copies held here.
+        logs: this rank's upstream logs (``logs.budget`` is set to this object).
+        rank: for the warning.
+    """
+
+    def __init__(self, cap_bytes: int, windows: WindowManager, replicator: Replicator,
+                 logs: LogStore, rank: int = 0):
+        self.cap_bytes = int(cap_bytes)
+        self.windows, self.replicator, self.logs, self.rank = windows, replicator, logs, rank
+        self.warned = False
+        logs.budget = self
+
+    def limit(self) -> int | None:
+        """The cap in bytes. Automatic (``cap_bytes == 0``): ``3 + 3 * owners`` times the
+        largest window held (own or a buddy's copy), plus the largest iteration's logs times
+        ``3W + 2 * max(W, R)`` iterations (R: the longest acknowledged round, in iterations);
+        None until the first window opened."""
+        if self.cap_bytes:
+            return self.cap_bytes
+        own_bytes, w = self.windows.largest_window
+        window_bytes = max(own_bytes, self.replicator.largest_copy)
+        if not window_bytes:
+            return None
+        windows = OWN_WINDOWS + COPIES_PER_OWNER * len(self.replicator.owners)
+        log_iters = (2 + AUTO_HEADROOM_WINDOWS) * w + 2 * max(w, self.windows.longest_round_iters)
+        return windows * window_bytes + log_iters * self.logs.peak_iteration_bytes
+
+    def windows_bytes(self) -> int:
+        """Own windows, free pool buffers and buddy copies."""
+        return self.windows.held_bytes() + self.replicator.held_bytes()
+
+    def check(self, iteration: int) -> None:
+        """Keep windows plus logs under the cap: trim the pool, then drop the oldest logs (never
+        those of ``iteration``, the one being logged)."""
+        cap = self.limit()
+        if cap is None or self.windows_bytes() + self.logs.nbytes() <= cap:
+            return
+        self.windows.engine.pool.trim()
+        held = self.windows_bytes()
+        if held + self.logs.nbytes() <= cap:
+            return
+        logs_before = self.logs.nbytes()
+        dropped = self.logs.shed(max(0, cap - held), keep_from=iteration)
+        if not self.warned and (dropped or held + self.logs.nbytes() > cap):
+            self.warned = True
+            self._warn(cap, held, logs_before)
+
+    def _warn(self, cap: int, held: int, logs_before: int) -> None:
+        persisted = self.windows.persisted.window_id if self.windows.persisted else None
+        shipped = self.windows.shipped.window_id if self.windows.shipped else None
+        how = "set" if self.cap_bytes else "automatic, sized from the window"
+        over = ("; windows and buddy copies alone exceed it, so logs are kept only for the "
+                "iteration being run" if held + self.logs.nbytes() > cap else "")
+        mib = float(1 << 20)
+        logger.warning(
+            "[moetion] rank %d: host memory cap %s (%.1f MiB, %s) exceeded: windows and buddy "
+            "copies %.1f MiB, upstream logs %.1f MiB. Window promotion has stalled (persisted "
+            "window %s, newest shipped %s), so the oldest upstream logs are being dropped "
+            "(kept from iteration %d on)%s. A failure that needs dropped logs can only recover "
+            "from a window that starts after them, else it falls back to the persistent "
+            "checkpoint. Raise %s or look at replication (this warning is shown once).",
+            self.rank, CAP_FLAG, cap / mib, how, held / mib, logs_before / mib, persisted,
+            shipped, self.logs.floor + 1, over, CAP_FLAG)

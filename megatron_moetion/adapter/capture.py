@@ -5,7 +5,8 @@ ACTIVE: for every part of an operator's parameters that this rank's optimizer ow
 FROZEN: the compute weights of that same part, bit-exact in their dtype (with the distributed
 optimizer each data-parallel rank captures only its own shard, so frozen bytes are not
 replicated across data-parallel ranks). Both modes also capture the operator's buffers (router
-``expert_bias`` and token counters).
+``expert_bias`` and token counters), marked ``written_outside_step`` (the next forward and
+backward write them, so an asynchronous capture snapshots them before returning).
 
 A FROZEN capture restores into the *main* parameter (bf16/fp16 -> fp32 is exact), so that
 Megatron's own main-to-model copy and parameter all-gather rebuild exactly the captured compute
@@ -88,7 +89,9 @@ def build_captures(bindings: list[OperatorBinding], optimizer) -> list[OpCapture
         for name, buf in binding.buffers:
             flat = buf.view(-1)
             for mode, items in (("active", cap.active), ("frozen", cap.frozen)):
-                items.append((CaptureItem(f"buffer/{name}", binding.name, mode, flat), flat))
+                # the next forward (token counters) and backward (expert_bias) write these
+                items.append((CaptureItem(f"buffer/{name}", binding.name, mode, flat,
+                                          written_outside_step=True), flat))
         captures.append(cap)
     return captures
 

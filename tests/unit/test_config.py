@@ -15,6 +15,7 @@ EXPECTED_FLAGS = {
     "--moetion-oracle-dir", "--moetion-reorder-threshold", "--moetion-reorder-fraction",
     "--moetion-popularity-window-iters", "--moetion-replication-chunk-mb", "--moetion-timeout-s",
     "--moetion-heartbeat-interval-s", "--moetion-detect-timeout-s",
+    "--moetion-host-memory-cap-mb",
 }
 
 
