@@ -6,6 +6,8 @@ which also works without MoEtion so that MoEtion-on and MoEtion-off runs can be 
 Call order, on every rank::
 
     add_arguments(parser)                        # arguments.py, while building the parser
+    validate_args(args)                          # arguments.py, end of validate_args(): bad
+                                                 # values, unsupported configurations refused
     on_checkpoint_load(iteration)                # only where --load found a checkpoint
     setup(model, optimizer, scheduler, args)     # pretrain(), once model and data exist
     wrap_forward_backward_func(fn) -> fn         # train(), once
@@ -37,6 +39,7 @@ class _State:
     oracle: Any = None  # oracle.OracleRecorder while --moetion-oracle-dir is set
     model: Any = None
     optimizer: Any = None
+    scheduler: Any = None  # Megatron's OptimizerParamScheduler (for the oracle's state)
     last_checkpoint_load: int | None = None
     last_checkpoint_save: int | None = None
     # in-place replacement (adapter.inprocess): where the next generation resumes, and the
@@ -54,12 +57,29 @@ def add_arguments(parser):
     return _config.add_arguments(parser)
 
 
+def validate_args(args) -> None:
+    """Check the ``--moetion*`` flags against the rest of Megatron's validated ``args``.
+
+    Raises ``ConfigError`` for a bad ``--moetion*`` value (with or without ``--moetion``) and,
+    with ``--moetion`` on, ``UnsupportedConfigurationError`` listing every configuration MoEtion
+    cannot replay exactly, each with its flag and the reason (``adapter.support``). Runs inside
+    Megatron's ``validate_args``, so a refused job stops before any model is built; the session
+    checks again for entry points that skip it.
+    """
+    cfg = _config.from_args(args)
+    if cfg.enabled:
+        from megatron_moetion.adapter.support import check_supported
+
+        check_supported(args, cfg)
+
+
 def setup(model, optimizer, opt_param_scheduler, args) -> None:
     """Read the flags and, if MoEtion is on, build the per-rank session."""
     import torch.distributed as dist
 
     cfg = _config.from_args(args)
     _state.cfg, _state.model, _state.optimizer = cfg, model, optimizer
+    _state.scheduler = opt_param_scheduler
     rank = dist.get_rank() if dist.is_initialized() else 0
     if cfg.oracle_dir and _state.oracle is None:
         from megatron_moetion.oracle import OracleRecorder
@@ -74,6 +94,7 @@ def setup(model, optimizer, opt_param_scheduler, args) -> None:
             cfg, model, optimizer, opt_param_scheduler, args,
             last_checkpoint_iteration=_state.last_checkpoint_load,
         )
+        _state.session.on_checkpoint_loaded()
 
 
 def prepare_arguments(args) -> None:
@@ -123,6 +144,7 @@ def keep_for_next_generation(session, resume: dict) -> None:
 def forget_generation() -> None:
     """A failed generation's Megatron objects are gone (its session is kept by the caller)."""
     _state.session, _state.model, _state.optimizer = None, None, None
+    _state.scheduler = None  # it holds the failed generation's optimizer (and its groups)
 
 
 def wrap_forward_backward_func(forward_backward_func):
@@ -144,12 +166,25 @@ def on_optimizer_step_end(iteration: int, update_successful, grad_norm) -> None:
 
 def on_train_step_end(iteration: int, loss_dict, grad_norm, skipped_iter) -> None:
     if _state.oracle is not None:
-        losses = {k: float(v.item() if hasattr(v, "item") else v)
-                  for k, v in (loss_dict or {}).items()}
-        norm = None if grad_norm is None else float(grad_norm)
-        _state.oracle.record_iteration(iteration, losses, norm, int(skipped_iter))
+        _record_for_oracle(iteration, loss_dict, grad_norm, skipped_iter)
     if _state.session is not None:
         _state.session.on_train_step_end(iteration, loss_dict, grad_norm, skipped_iter)
+
+
+def _record_for_oracle(iteration: int, loss_dict, grad_norm, skipped_iter) -> None:
+    """The oracle's per-iteration record and, every ``K``-th committed iteration, the rank's
+    whole state (this hook runs once per committed iteration, before ``training_log`` reduces
+    and clears the auxiliary-loss trackers)."""
+    from megatron_moetion.adapter.rank_state import loss_metrics, oracle_state
+
+    oracle = _state.oracle
+    losses = {k: float(v.item() if hasattr(v, "item") else v)
+              for k, v in (loss_dict or {}).items()}
+    norm = None if grad_norm is None else float(grad_norm)
+    oracle.record_iteration(iteration, losses, norm, int(skipped_iter), metrics=loss_metrics())
+    if oracle.wants_state(iteration) and _state.model is not None:
+        tensors, scalars = oracle_state(_state.model, _state.optimizer, _state.scheduler)
+        oracle.dump_state(tensors, scalars, iteration=iteration)
 
 
 def on_checkpoint_save(iteration: int, non_persistent: bool = False) -> None:
@@ -170,10 +205,11 @@ def shutdown() -> None:
         session.shutdown()
     oracle, _state.oracle = _state.oracle, None
     if oracle is not None and _state.model is not None:
-        from megatron_moetion.adapter.optimizer_state import collect_rank_state
+        from megatron_moetion.adapter.rank_state import oracle_state
 
-        tensors = collect_rank_state(_state.model, _state.optimizer)
-        oracle.dump_state(tensors, meta={"last_checkpoint_save": _state.last_checkpoint_save})
+        tensors, scalars = oracle_state(_state.model, _state.optimizer, _state.scheduler)
+        oracle.dump_state(tensors, scalars,
+                          meta={"last_checkpoint_save": _state.last_checkpoint_save})
 
 
 def session():

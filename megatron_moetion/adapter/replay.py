@@ -37,6 +37,8 @@ from megatron_moetion.snapshot import Window
 # Tests only: a deliberately wrong recovery the checks must catch. "skip_conversion" resumes
 # stale operators (MoC-style) and turns the survivors' self-check off, so the run completes and
 # the bitwise oracle must see the damage; "skip_conversion,keep_checks" keeps the self-check.
+# "skip_rng_restore" / "skip_buffer_restore": a replaying rank keeps the RNG streams / router
+# buffers the failure left it (tests/megatron/test_oracle_controls.py).
 NEGATIVE_CONTROL_ENV = "MOETION_NEGATIVE_CONTROL"
 
 
@@ -54,6 +56,8 @@ def restore_slot(window: Window, slot: int, captures: list[OpCapture]) -> int:
     nbytes = 0
     with torch.no_grad():
         for spec in window.items(slot):
+            if spec.key.startswith("buffer/") and "skip_buffer_restore" in negative_control():
+                continue
             target = targets.get((spec.key, spec.mode))
             if target is None or target.numel() != spec.numel:
                 raise RecoveryError(f"window {window.window_id} slot {slot} holds {spec.key} "
@@ -99,7 +103,8 @@ class Replayer:
     def _load_slot(self, slot: int) -> None:
         if not self.s.lost:  # after a fault during recovery only the collectives matter
             self.bytes_loaded += restore_slot(self.window, slot, self.captures)
-            ts.restore_rng(self.window.slot_meta[slot]["rng_after"])
+            if "skip_rng_restore" not in negative_control():
+                ts.restore_rng(self.window.slot_meta[slot]["rng_after"])
         sync_model_params(self.s.optimizer, self.s.model)
 
     def load_anchor(self) -> None:
@@ -107,7 +112,7 @@ class Replayer:
         meta = self.window.slot_meta[0]
         self._load_slot(0)
         ts.restore_scheduler(self.s.scheduler, self.s.optimizer, meta["scheduler"],
-                             meta["hparams"])
+                             meta["param_groups"])
         ts.restore_grad_scalers(self.s.optimizer, meta["grad_scalers"])
         self.phases["load"] += time.perf_counter() - start
 

@@ -114,6 +114,7 @@ def main(argv=None) -> int:
         "recovery": recovery_reports(faulted),
         "bitwise_identical_to_fault_free": comparison.identical,
         "comparison": str(comparison),
+        "oracle": comparison.summary(),
         "wall_s": round(time.monotonic() - start, 1),
         "runs": {"fault_free": str(clean), "faulted": str(faulted)},
     }

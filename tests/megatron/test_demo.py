@@ -22,6 +22,13 @@ def test_demo_end_to_end(tmp_path, patched_megatron):
     assert summary["parallel"] == {"tp": 1, "pp": 2, "ep": 2, "dp": 2}
     assert summary["iterations"] == 12 and len(summary["losses"]) == 12
     assert summary["bitwise_identical_to_fault_free"] is True
+    oracle = summary["oracle"]  # what the verdict rests on: every rank's records and states
+    assert oracle["identical"] is True and oracle["differences"] == 0
+    assert oracle["ranks"] == 4 and oracle["iteration_records"] == 4 * 12
+    assert oracle["state_snapshots"] == 4 * 4  # after iterations 4, 8, 12, and the final one
+    assert oracle["tensors"] > 1000 and oracle["elements"] > 0 and oracle["scalar_fields"] > 100
+    assert summary["comparison"].startswith("bitwise identical: 4 ranks, 48 iteration records, "
+                                            "16 state snapshots, ")
     snap = summary["snapshot"]
     assert snap["window"] == 3 and snap["bytes_per_iter_mean"] < snap["dense_bytes_per_iter"]
     assert snap["replication_factor"] == 2 and snap["host_bytes_held"] > 0

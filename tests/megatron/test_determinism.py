@@ -20,7 +20,8 @@ def test_two_runs_with_the_same_seed_are_bitwise_identical(run_cache, run_ok, tm
     second = run_ok(BASE, tmp_path / "again")
     result = compare_dumps(first / "oracle", second / "oracle")
     assert result.identical, result
-    assert result.ranks == 4 and result.iterations == 4 * 5 and result.tensors > 300
+    assert result.ranks == 4 and result.iterations == 4 * 5 and result.tensors > 600
+    assert result.snapshots == 4 * 2 and result.scalars > 100  # state after iteration 4, final
 
 
 def test_oracle_catches_one_ulp_in_a_real_dump(run_cache, tmp_path):
@@ -34,7 +35,8 @@ def test_oracle_catches_one_ulp_in_a_real_dump(run_cache, tmp_path):
     torch.save(payload, copy / "rank2.state.pt")
     result = compare_dumps(original, copy)
     assert not result.identical
-    assert result.first_difference.startswith(f"rank 2, tensor {name}: 1 of ")
+    assert result.first_difference.startswith(f"rank 2, final, {name}: 1 of ")
+    assert result.differences == [result.first_difference] and result.fields == [name]
 
 
 def test_dump_holds_losses_grad_norms_params_and_optimizer_state(run_cache):
@@ -43,6 +45,11 @@ def test_dump_holds_losses_grad_norms_params_and_optimizer_state(run_cache):
     assert {d.rank for d in last_stage} == {2, 3}  # PP=2: ranks 2, 3 hold the last stage
     assert all(d.iterations[5]["grad_norm"] is not None for d in dumps.values())
     for d in dumps.values():
+        assert sorted(d.states) == [4]  # every 4th iteration, and the final state
         kinds = {n.split("/")[0] for n in d.tensors}
-        assert kinds == {"param", "optim0", "optim1"}, kinds  # dense and expert optimizers
+        # dense and expert optimizers; RNG streams (this model has no buffers)
+        assert kinds == {"param", "optim0", "optim1", "rng"}, kinds
         assert any(n.endswith("/exp_avg_sq") for n in d.tensors)
+        assert d.scalars["scheduler/num_steps"] == d.scalars["consumed_train_samples"] == 5 * 8
+        assert {"optim0/group0/lr", "optim1/group0/lr", "loss_scale"} <= set(d.scalars)
+        assert d.iterations[5]["moe"]["load_balancing_loss"]  # the routers' aux loss
