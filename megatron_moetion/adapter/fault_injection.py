@@ -114,8 +114,10 @@ def wipe_rank_state(model_chunks, optimizer, scheduler, bindings) -> None:
                 _garbage(value)
     if scheduler is not None:
         scheduler.num_steps = -12345
-        for group in optimizer.param_groups:
-            group["lr"] = 0.5
+    for group in optimizer.param_groups:
+        group["lr"] = 0.5
+        if "step" in group:  # FusedAdam's group-level step
+            group["step"] = 12345
     from megatron.core.tensor_parallel.random import _get_cuda_rng_state
 
     torch.manual_seed(0xDEAD)  # also reseeds the CUDA generator

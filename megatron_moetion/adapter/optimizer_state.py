@@ -127,21 +127,35 @@ def collect_rank_state(model_chunks, optimizer) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def keeps_step_per_parameter(inner) -> bool:
+    """torch's Adam and AdamW count ``step`` per parameter; Transformer Engine's and Apex's
+    FusedAdam count it per parameter group (``param_groups[i]["step"]``)."""
+    return isinstance(inner, torch.optim.Adam)
+
+
 def ensure_optimizer_state(optimizer) -> None:
-    """Create the inner optimizers' state (Adam ``exp_avg``, ``exp_avg_sq``, ``step``) where it
-    does not exist yet, so that a restore can write into it before the first step."""
+    """Create the inner optimizers' per-parameter state where it does not exist yet (Adam
+    ``exp_avg``, ``exp_avg_sq``, and ``step`` where the optimizer keeps it per parameter; SGD's
+    ``momentum_buffer``), so that a restore can write into it before the first step. A
+    group-level ``step`` is restored with the parameter groups (``training_state``)."""
     for sub in sub_optimizers(optimizer):
         inner = getattr(sub, "optimizer", None)
         if getattr(sub, "is_stub_optimizer", False) or inner is None:
             continue
         if len(inner.state) == 0 and getattr(sub, "init_state_fn", None) is not None:
             sub.init_state_fn(inner, sub.config)
+        per_param_step = keeps_step_per_parameter(inner)
         for group in inner.param_groups:
             for param in group["params"]:
                 state = inner.state[param]
+                if isinstance(inner, torch.optim.SGD):
+                    if group.get("momentum", 0):
+                        state.setdefault("momentum_buffer", torch.zeros_like(param.data))
+                    continue
                 state.setdefault("exp_avg", torch.zeros_like(param.data))
                 state.setdefault("exp_avg_sq", torch.zeros_like(param.data))
-                state.setdefault("step", torch.tensor(0.0))
+                if per_param_step:
+                    state.setdefault("step", torch.tensor(0.0))
 
 
 def detach_training_state(model_chunks, optimizer, scheduler) -> dict:
@@ -160,12 +174,8 @@ def detach_training_state(model_chunks, optimizer, scheduler) -> dict:
         "main": [(name_of[id(ms.model_param)], ms.start, ms.end,
                   None if ms.shard_is_view else ms.main_param.data, dict(ms.state()))
                  for ms in main_states(optimizer)],
-        "param_groups": [[{k: v for k, v in g.items() if k != "params"}
-                          for g in getattr(sub, "optimizer", None).param_groups]
-                         if getattr(sub, "optimizer", None) is not None else None
-                         for sub in sub_optimizers(optimizer)],
+        "param_groups": ts.param_group_state(optimizer),
         "scheduler": ts.scheduler_state(scheduler),
-        "hparams": ts.param_group_hparams(optimizer),
         "grad_scalers": ts.grad_scaler_states(optimizer),
         "caches": optimizer_caches(optimizer),
     }
@@ -223,13 +233,6 @@ def transplant(state: dict, model_chunks, optimizer, scheduler) -> None:
                 target[key].copy_(value)
             else:
                 target[key] = value.clone() if torch.is_tensor(value) else value
-    for groups, sub in zip(state["param_groups"], sub_optimizers(optimizer)):
-        inner = getattr(sub, "optimizer", None)
-        if groups is None or inner is None:
-            continue
-        for kept, group in zip(groups, inner.param_groups):
-            group.update(kept)
-    if scheduler is not None:
-        ts.restore_scheduler(scheduler, optimizer, state["scheduler"], state["hparams"])
+    ts.restore_scheduler(scheduler, optimizer, state["scheduler"], state["param_groups"])
     ts.restore_grad_scalers(optimizer, state["grad_scalers"])
     restore_optimizer_caches(optimizer, state["caches"])

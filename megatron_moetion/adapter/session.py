@@ -56,14 +56,14 @@ from megatron_moetion.errors import RecoveryError, UnsupportedConfigurationError
 from megatron_moetion.metrics import MetricsWriter
 from megatron_moetion.operators import OpKind
 from megatron_moetion.recovery_plan import Holdings
-from megatron_moetion.replication import Replicator
+from megatron_moetion.replication import Replicator, new_group_for
 from megatron_moetion.snapshot import SnapshotEngine, measure_copy_bandwidth
 from megatron_moetion.storage import PersistWriter, write_window
 from megatron_moetion.testing.faults import FaultPlan
 from megatron_moetion.topology import RankInfo, Topology
 from megatron_moetion.transport import ProcessGroupTransport
 from megatron_moetion.upstream_log import LogStore
-from megatron_moetion.window_manager import WindowManager
+from megatron_moetion.window_manager import HostMemoryCap, WindowManager
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ class MoEtionSession:
         self.snapshots = SnapshotController(cfg, self.bindings, optimizer, self.windows,
                                             copy_bandwidth, self.rank, self._gather)
         self.logs = LogStore(self.device)
+        self.host_memory = HostMemoryCap(cfg.host_memory_cap_bytes, self.windows,
+                                         self.replicator, self.logs, self.rank)
         self.flow = FlowControl(self.logs, log_boundary=cfg.upstream_logging)
         self.flow.device = self.device
         self.metrics = MetricsWriter(cfg.metrics_file, self.rank)
@@ -153,8 +155,9 @@ class MoEtionSession:
 
         timeout = timedelta(seconds=self.cfg.timeout_s)
         self.control_group = dist.new_group(backend="gloo", timeout=timeout)
-        repl_backend = "nccl" if self.device.type == "cuda" else "gloo"
-        self.replication_group = dist.new_group(backend=repl_backend, timeout=timeout)
+        # gloo on GPU too: windows and logs live in host memory, and the replication thread
+        # must never issue NCCL work concurrently with training's (docs/design.md)
+        self.replication_group = new_group_for(timeout_s=self.cfg.timeout_s)
         self.pp_group = mpu.get_pipeline_model_parallel_group()
         self.pg_collection = _build_default_pg_collection()
         info = RankInfo(self.rank, mpu.get_pipeline_model_parallel_rank(), 0,
@@ -168,9 +171,8 @@ class MoEtionSession:
             logger.warning("[moetion] --moetion-replication-factor %d capped to %d buddies "
                            "(%d ranks on %d nodes)", self.cfg.replication_factor,
                            self.topology.num_buddies, self.world_size, len(nodes))
-        self.transport = ProcessGroupTransport(
-            self.replication_group, self.cfg.replication_chunk_bytes,
-            self.device if repl_backend == "nccl" else None)
+        self.transport = ProcessGroupTransport(self.replication_group,
+                                               self.cfg.replication_chunk_bytes)
 
     def _bind(self, model, optimizer, scheduler) -> None:
         """What points into Megatron's model and optimizer objects."""
@@ -434,7 +436,7 @@ class MoEtionSession:
         self.logs.log_record(iteration, record)
         meta = {"iteration": iteration, "record": record,
                 "scheduler": ts.scheduler_state(self.scheduler),
-                "hparams": ts.param_group_hparams(self.optimizer),
+                "param_groups": ts.param_group_state(self.optimizer),
                 "grad_scalers": ts.grad_scaler_states(self.optimizer),
                 "loss_scale": ts.loss_scale(self.optimizer)}
         self._iter.update(update_successful=update_successful,
@@ -481,6 +483,8 @@ class MoEtionSession:
             dense_bytes=self.snapshots.dense_bytes(),
             host_bytes_held=self.windows.held_bytes() + self.replicator.held_bytes(),
             log_bytes=self.logs.nbytes(),
+            host_memory_cap_bytes=self.host_memory.limit(),
+            logs_dropped_iterations=self.logs.dropped_iterations,
             replication_bytes=self.transport.bytes_sent,
             replication_rounds=len(rounds),
             replication_failures=self.replicator.failures,
@@ -503,6 +507,15 @@ class MoEtionSession:
     def on_checkpoint_save(self, iteration: int, non_persistent: bool) -> None:
         if not non_persistent:
             self.last_checkpoint_iteration = iteration
+            if getattr(self.args, "save", None):
+                ts.save_checkpoint_rng(self.args.save, iteration, self.rank)
+
+    def on_checkpoint_loaded(self) -> None:
+        """After ``--load`` resumed a checkpoint and the data iterators exist: this rank's own
+        RNG streams of that checkpoint (``training_state.save_checkpoint_rng``)."""
+        load = getattr(self.args, "load", None)
+        if self.last_checkpoint_iteration is not None and load:
+            ts.restore_checkpoint_rng(load, self.last_checkpoint_iteration, self.rank)
 
     def shutdown(self) -> None:
         if getattr(self, "_closed", False):

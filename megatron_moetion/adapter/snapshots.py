@@ -93,8 +93,9 @@ class SnapshotController:
         if self.captures is None or not self.fwd_bwd_times:
             return 1
         specs = self.specs()
-        ordered = [specs[n] for n in self.order] if self.order else order_operators(
-            specs.values())
+        # the order is world-wide; this rank proposes for the operators it holds
+        ordered = [specs[n] for n in self.order if n in specs] if self.order else \
+            order_operators(specs.values())
         budget = budget_bytes(self.copy_bandwidth, self.fwd_bwd_s())
         schedule = find_window(ordered, budget)
         if not schedule.fits:
@@ -216,6 +217,8 @@ class SnapshotController:
             out["persisted_start"] = promoted.start_iteration
         if self.next_window_start is not None and iteration >= self.next_window_start:
             self.open_window(iteration, agreed)
+            out["window_opened"] = {"size": len(self.schedule.slots),
+                                    "reordered": self.windows.current.meta["reordered"]}
         return out
 
     def dense_bytes(self) -> int | None:

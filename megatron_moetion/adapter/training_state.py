@@ -1,13 +1,19 @@
-"""The small state exact replay needs besides weights: RNG streams, LR scheduler, grad scaler.
+"""The small state exact replay needs besides weights: RNG streams, LR scheduler, parameter
+groups, grad scaler.
 
 RNG: torch's CPU generator, the CUDA generator, and Megatron's ``CudaRNGStatesTracker``
 streams (tensor-parallel, expert-parallel, data-parallel). LR scheduler: the
-``OptimizerParamScheduler`` state dict, restored together with the learning rate and weight
-decay it sets on the optimizer's parameter groups. Grad scaler: one state dict per
-sub-optimizer (fp16 loss scaling), or None.
+``OptimizerParamScheduler`` state dict, restored together with every field of the optimizer's
+parameter groups: the learning rate and weight decay it sets, and the group-level ``step`` that
+Transformer Engine's and Apex's FusedAdam keep instead of a per-parameter one (their bias
+correction reads it). Grad scaler: one state dict per sub-optimizer (fp16 loss scaling), or None.
 """
 
 from __future__ import annotations
+
+import copy
+import os
+import random
 
 import torch
 
@@ -41,27 +47,89 @@ def rng_equal(a: dict, b: dict) -> bool:
             and ("cuda" not in a or torch.equal(a["cuda"], b["cuda"])))
 
 
+# Megatron's own checkpoint keeps the RNG of data-parallel rank 0 of each model-parallel rank
+# only (``checkpointing.get_rng_state`` without --data-parallel-random-init): with expert
+# parallelism, ranks of another expert-parallel rank get their partner's expert-parallel stream.
+# And it restores the RNG before the data iterators are built, whose ``iter(DataLoader)`` draws
+# from the CPU generator (also the "CUDA" one on CPU). So each rank keeps its own streams beside
+# the checkpoint and ``pretrain()`` restores them once the iterators exist (``setup``).
+CHECKPOINT_RNG_DIR = "moetion_rng"
+
+
+def _checkpoint_rng_path(directory: str, iteration: int, rank: int) -> str:
+    return os.path.join(directory, CHECKPOINT_RNG_DIR, f"iter_{iteration:07d}",
+                        f"rank{rank}.pt")
+
+
+def save_checkpoint_rng(directory: str, iteration: int, rank: int) -> None:
+    """Write this rank's RNG streams (torch, tracker, Python, numpy) beside the checkpoint."""
+    import numpy as np
+
+    path = _checkpoint_rng_path(directory, iteration, rank)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    state = {"torch": capture_rng(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def restore_checkpoint_rng(directory: str, iteration: int, rank: int) -> bool:
+    """Restore what ``save_checkpoint_rng`` wrote for ``iteration``; False if it is not there
+    (a checkpoint written without MoEtion)."""
+    import numpy as np
+
+    path = _checkpoint_rng_path(directory, iteration, rank)
+    if not os.path.exists(path):
+        return False
+    state = torch.load(path, weights_only=False)
+    restore_rng(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    return True
+
+
 def scheduler_state(scheduler) -> dict:
     return dict(scheduler.state_dict()) if scheduler is not None else {}
 
 
-def param_group_hparams(optimizer) -> list[tuple[float, float]]:
-    """(lr, weight_decay) of every parameter group, in order."""
-    return [(float(g["lr"]), float(g.get("weight_decay", 0.0))) for g in optimizer.param_groups]
+def _copy_value(value):
+    return value.detach().clone() if torch.is_tensor(value) else copy.deepcopy(value)
 
 
-def restore_scheduler(scheduler, optimizer, state: dict, hparams) -> None:
-    """Restore the scheduler's counters and the values it had set on the parameter groups."""
-    if scheduler is None:
-        return
-    # OptimizerParamScheduler.load_state_dict *adds* the saved step count (step(increment=n)),
-    # as it expects a fresh scheduler; start from zero so the result is the saved count.
-    scheduler.num_steps = 0
-    scheduler.load_state_dict(dict(state))
-    for group, (lr, wd) in zip(optimizer.param_groups, hparams):
-        group["lr"] = lr
-        if "weight_decay" in group:
-            group["weight_decay"] = wd
+def param_group_state(optimizer) -> list[dict]:
+    """Every field of every parameter group except its parameters, in order (``lr``,
+    ``weight_decay``, ``betas``, ``eps``, ..., and ``step`` where the optimizer keeps it per
+    group), copied."""
+    return [{k: _copy_value(v) for k, v in group.items() if k != "params"}
+            for group in optimizer.param_groups]
+
+
+@torch.no_grad()
+def restore_param_groups(optimizer, saved: list[dict]) -> None:
+    """Write ``param_group_state``'s result back; a tensor field keeps its device."""
+    groups = optimizer.param_groups
+    if len(groups) != len(saved):
+        raise RuntimeError(f"the optimizer has {len(groups)} parameter groups, the saved state "
+                           f"{len(saved)}")
+    for group, fields in zip(groups, saved):
+        for key, value in fields.items():
+            old = group.get(key)
+            if torch.is_tensor(value) and torch.is_tensor(old):
+                group[key] = value.detach().clone().to(old.device, old.dtype)
+            else:
+                group[key] = _copy_value(value)
+
+
+def restore_scheduler(scheduler, optimizer, state: dict, groups: list[dict]) -> None:
+    """Restore the scheduler's counters, then every parameter-group field (the learning rate
+    and weight decay the scheduler had set included)."""
+    if scheduler is not None:
+        # OptimizerParamScheduler.load_state_dict *adds* the saved step count
+        # (step(increment=n)), as it expects a fresh scheduler; start from zero so the result
+        # is the saved count.
+        scheduler.num_steps = 0
+        scheduler.load_state_dict(dict(state))
+    restore_param_groups(optimizer, groups)
 
 
 def grad_scaler_states(optimizer) -> list:

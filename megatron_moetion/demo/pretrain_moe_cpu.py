@@ -108,8 +108,32 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
 train_valid_test_datasets_provider.is_distributed = True
 
 
+def _driver_options() -> None:
+    """Options of this driver, not Megatron's, taken off the command line before Megatron
+    parses it: ``--test-optimizer group-step-adam`` trains with an Adam that keeps ``step`` per
+    parameter group, as FusedAdam does (``testing.group_step_adam``)."""
+    import sys
+
+    if "--test-optimizer" not in sys.argv:
+        return
+    i = sys.argv.index("--test-optimizer")
+    name = sys.argv[i + 1] if i + 1 < len(sys.argv) else ""
+    del sys.argv[i:i + 2]
+    if name != "group-step-adam":
+        raise SystemExit(f"--test-optimizer must be group-step-adam; got {name!r}")
+    import megatron.core.optimizer as optimizer_factory
+
+    from megatron_moetion.testing.group_step_adam import GroupStepAdam
+
+    # where Transformer Engine or Apex is installed, Megatron builds their FusedAdam here
+    optimizer_factory.Adam = GroupStepAdam
+    optimizer_factory.USING_PYTORCH_OPTIMIZER = False
+
+
 def main() -> None:
     import megatron.training.training as training
+
+    _driver_options()
 
     if getattr(training, "megatron_hooks", None) is not megatron_hooks:
         raise RuntimeError(

@@ -40,8 +40,12 @@ class RunConfig:
     dp: int = 2
     train_iters: int = 12
     distributed_optimizer: bool = True
+    # "adam" (torch AdamW, step per parameter), "group-step-adam" (step per parameter group,
+    # as Transformer Engine's and Apex's FusedAdam keep it), "sgd" (momentum)
+    optimizer: str = "adam"
     bf16: bool = False
     hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
     lr: float = 1e-3
     seed: int = 1234
     moetion: bool = False
@@ -86,7 +90,7 @@ def megatron_flags(cfg: RunConfig, out_dir: Path) -> list[str]:
         "--no-rope-fusion", "--no-persist-layer-norm", "--use-cpu-initialization",
         "--deterministic-mode", "--disable-bias-linear", "--position-embedding-type", "rope",
         "--normalization", "LayerNorm", "--hidden-dropout", cfg.hidden_dropout,
-        "--attention-dropout", 0.0, "--log-interval", 1, "--eval-iters", 0,
+        "--attention-dropout", cfg.attention_dropout, "--log-interval", 1, "--eval-iters", 0,
         "--eval-interval", 100000, "--seed", cfg.seed,
         "--moetion-oracle-dir", out_dir / "oracle",
     ]
@@ -94,6 +98,13 @@ def megatron_flags(cfg: RunConfig, out_dir: Path) -> list[str]:
         flags.append("--use-distributed-optimizer")
     if cfg.bf16:
         flags.append("--bf16")
+    if cfg.optimizer == "sgd":
+        flags += ["--optimizer", "sgd"]
+    elif cfg.optimizer == "group-step-adam":
+        flags += ["--test-optimizer", "group-step-adam"]  # the driver's, not Megatron's
+    elif cfg.optimizer != "adam":
+        raise ValueError(f"RunConfig.optimizer must be adam, group-step-adam or sgd; got "
+                         f"{cfg.optimizer!r}")
     if cfg.save_interval:
         flags += ["--save", out_dir / "ckpt", "--load", out_dir / "ckpt",
                   "--save-interval", cfg.save_interval, "--ckpt-format", "torch_dist"]

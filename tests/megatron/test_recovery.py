@@ -3,10 +3,12 @@
 fault-free run; a deliberately wrong recovery must not.
 
 The failure matrix, one test each (iterations are 1-based; W=3 windows start at 2, 5, 8, 11):
-single rank; several ranks in different stages; PP=4 first, middle and last stage; consecutive
-stages; a fault during conversion; a rank and one of its buddies; faults while snapshotting and
-while replicating; every copy gone (fallback to the persistent checkpoint, and an error without
-one); the plain (non-distributed) optimizer.
+single rank; several ranks in different stages; PP=4 first, middle and last stage; two PP=4
+stages lost together ((0,1), (1,2), (2,3), (0,2)); a fault during conversion; a paused rank
+failing during recovery; faults in consecutive iterations; several expert data-parallel replicas
+(DP > EP); a rank and one of its buddies; faults while snapshotting and while replicating; a rank
+and both of its buddies, and every copy gone (fallback to the persistent checkpoint, bitwise, and
+an error without one); the plain (non-distributed) optimizer.
 """
 
 import pytest
@@ -15,11 +17,12 @@ from megatron_moetion.demo.runner import RunConfig, run_pretrain
 from megatron_moetion.metrics import read_metrics
 from megatron_moetion.oracle import compare_dumps
 
-pytestmark = [pytest.mark.megatron, pytest.mark.distributed]
+pytestmark = [pytest.mark.megatron, pytest.mark.distributed, pytest.mark.timeout(400)]
 
 DEMO = RunConfig(train_iters=12, moetion=True, window=3)  # PP=2 x EP=2 x DP=2, distopt
 PLAIN = DEMO.replace(distributed_optimizer=False)
 PP4 = DEMO.replace(pp=4, dp=1, ep=1)  # ranks 0..3 are stages 0..3
+DP_OVER_EP = DEMO.replace(ep=1)  # PP=2 x DP=2, every expert on both ranks of a stage
 
 
 def lose(*faults):
@@ -65,15 +68,40 @@ def test_pp4_stage(run_cache, run_ok, tmp_path, rank, phase):
     assert rec["ranks_replaying"] == [rank] and len(rec["ranks_paused"]) == 3
 
 
-def test_consecutive_stages(run_cache, run_ok, tmp_path):
-    (rec,) = check(run_cache, run_ok, tmp_path, PP4, lose((1, 10, "fwd"), (2, 10, "fwd")))
-    assert rec["ranks_replaying"] == [1, 2] and rec["ranks_paused"] == [0, 3]
+@pytest.mark.parametrize("stages", [(0, 1), (1, 2), (2, 3), (0, 2)],
+                         ids=["first_two", "middle_two", "last_two", "first_and_third"])
+def test_two_stages_lost_together(run_cache, run_ok, tmp_path, stages):
+    a, b = stages
+    (rec,) = check(run_cache, run_ok, tmp_path, PP4, lose((a, 10, "fwd"), (b, 10, "bwd")))
+    assert rec["ranks_replaying"] == [a, b]
+    assert rec["ranks_paused"] == [r for r in range(4) if r not in stages]
 
 
 def test_fault_during_conversion(run_cache, run_ok, tmp_path):
     (rec,) = check(run_cache, run_ok, tmp_path, DEMO,
                    lose((1, 9, "bwd"), (0, 9, "recovery")))
     assert rec["attempts"] == 2 and rec["failed"] == [0, 1]
+
+
+def test_paused_rank_fails_during_recovery(run_cache, run_ok, tmp_path):
+    # rank 1's stage replays while ranks 2 and 3 pause; rank 2 loses its state while paused,
+    # so the recovery restarts with both stages replaying
+    (rec,) = check(run_cache, run_ok, tmp_path, DEMO,
+                   lose((1, 9, "bwd"), (2, 9, "recovery")))
+    assert rec["attempts"] == 2 and rec["failed"] == [1, 2]
+    assert rec["ranks_replaying"] == [0, 1, 2, 3]
+
+
+def test_faults_in_consecutive_iterations(run_cache, run_ok, tmp_path):
+    recs = check(run_cache, run_ok, tmp_path, DEMO, lose((1, 9, "bwd"), (2, 10, "fwd")))
+    assert [(r["fault_iteration"], r["failed"]) for r in recs] == [(9, [1]), (10, [2])]
+
+
+def test_several_expert_data_parallel_replicas(run_cache, run_ok, tmp_path):
+    # EP=1 with DP=2: each expert has two data-parallel replicas in a stage, whose gradients
+    # are all-reduced; the failed rank's replica replays beside its healthy peer
+    (rec,) = check(run_cache, run_ok, tmp_path, DP_OVER_EP, lose((1, 9, "bwd")))
+    assert rec["ranks_replaying"] == [0, 1] and rec["ranks_paused"] == [2, 3]
 
 
 def test_rank_and_one_of_its_buddies(run_cache, run_ok, tmp_path):
@@ -93,12 +121,30 @@ def test_plain_optimizer(run_cache, run_ok, tmp_path):
     assert rec["ranks_replaying"] == [2, 3]
 
 
+def test_sgd_with_momentum(run_cache, run_ok, tmp_path):
+    # SGD keeps a momentum buffer per parameter and no step (Megatron's distributed optimizer
+    # takes only Adam)
+    (rec,) = check(run_cache, run_ok, tmp_path, PLAIN.replace(optimizer="sgd"),
+                   lose((1, 9, "bwd")))
+    assert rec["ranks_replaying"] == [0, 1]
+
+
 def test_every_copy_gone_falls_back_to_the_persistent_checkpoint(run_cache, run_ok, tmp_path):
     # one buddy each: rank 0's only buddy is rank 1, so rank 0's windows are gone with it
     recs = check(run_cache, run_ok, tmp_path, DEMO, lose((0, 10, "bwd"), (1, 10, "bwd")),
                  changes={"replication_factor": 1, "save_interval": 4}, max_restarts=1)
     (rec,) = recs
     assert rec["fallback"] and rec["checkpoint_iteration"] == 8 and rec["rollback_iterations"] == 1
+    assert "every copy of its window" in rec["reason"]
+
+
+def test_rank_and_both_of_its_buddies_fall_back_bitwise(run_cache, run_ok, tmp_path):
+    # r=2: rank 0's buddies are ranks 1 and 2; all three lose their state together
+    recs = check(run_cache, run_ok, tmp_path, DEMO,
+                 lose((0, 10, "bwd"), (1, 10, "bwd"), (2, 10, "bwd")),
+                 changes={"save_interval": 4}, max_restarts=1)
+    (rec,) = recs
+    assert rec["fallback"] and rec["checkpoint_iteration"] == 8
     assert "every copy of its window" in rec["reason"]
 
 
