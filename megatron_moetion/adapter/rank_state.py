@@ -124,11 +124,16 @@ def loss_metrics() -> dict[str, dict[str, list[float]]]:
     MTP layers theirs in ``MTPLossLoggingHelper.tracker``, summed over the micro-batches of the
     iteration; ``training_log`` reduces them across ranks and clears them. ``on_train_step_end``
     runs before ``training_log``, so these are this rank's own unreduced sums of the iteration.
+    Entries that hold only zeros are left out.
     """
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
     out: dict[str, dict[str, list[float]]] = {"moe": {}, "mtp": {}}
     for name, entry in sorted(get_moe_metrics_tracker().metrics.items()):
+        # an entry that only holds zeros is one ``training_log`` registered for logging (it
+        # logs an absent name as zeros too): a process that joined later has not got it yet
+        if torch.count_nonzero(entry.values) == 0:
+            continue
         out["moe"][name] = [float(v) for v in entry.values.detach().double().cpu().tolist()]
     try:
         from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper

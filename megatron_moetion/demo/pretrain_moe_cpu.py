@@ -122,12 +122,16 @@ def _driver_options() -> None:
     if name != "group-step-adam":
         raise SystemExit(f"--test-optimizer must be group-step-adam; got {name!r}")
     import megatron.core.optimizer as optimizer_factory
+    import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
 
     from megatron_moetion.testing.group_step_adam import GroupStepAdam
 
-    # where Transformer Engine or Apex is installed, Megatron builds their FusedAdam here
+    # what Megatron's modules set where Apex is installed: the factory builds FusedAdam, and
+    # the distributed optimizer's checkpoint keeps the group-level step
     optimizer_factory.Adam = GroupStepAdam
     optimizer_factory.USING_PYTORCH_OPTIMIZER = False
+    distrib_optimizer.HAVE_APEX_OR_TE = True
+    distrib_optimizer.USING_APEX_OPTIMIZER = True
 
 
 def main() -> None:
