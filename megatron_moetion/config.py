@@ -100,11 +100,19 @@ class MoEtionConfig:
     oracle_dir: str = field(
         default="",
         metadata=_help(
-            "Dump per-iteration losses (lm, MoE aux, MTP) and grad norms and, every 4th "
-            "iteration ($MOETION_ORACLE_INTERVAL) and at the end, everything each rank holds "
+            "Dump per-iteration losses (lm, MoE aux, MTP) and grad norms and, every "
+            "--moetion-oracle-interval iterations and at the end, everything each rank holds "
             "(parameters, optimizer state and parameter groups, buffers, LR scheduler, RNG "
             "streams, loss scale, consumed samples) here, for the bitwise determinism oracle. "
             "Works with --moetion off too."
+        ),
+    )
+    oracle_interval: int = field(
+        default=4,
+        metadata=_help(
+            "With --moetion-oracle-dir: also dump each rank's whole state after every iteration "
+            "that is a multiple of this; 0 dumps the final state only.",
+            allowed=(lambda v: v >= 0, "an integer >= 0"),
         ),
     )
     reorder_threshold: float = field(

@@ -84,7 +84,7 @@ def setup(model, optimizer, opt_param_scheduler, args) -> None:
     if cfg.oracle_dir and _state.oracle is None:
         from megatron_moetion.oracle import OracleRecorder
 
-        _state.oracle = OracleRecorder(cfg.oracle_dir, rank)
+        _state.oracle = OracleRecorder(cfg.oracle_dir, rank, cfg.oracle_interval)
     if _state.resume is not None:
         _resume_generation(model, optimizer, opt_param_scheduler, args, cfg)
     elif cfg.enabled:

@@ -10,8 +10,8 @@ A dump directory holds, per rank ``R``:
   the hook does not receive it, and it is computed at all only under
   ``--log-num-zeros-in-grad``.
 * ``rank{R}.state.iter{T}.pt``: the rank's whole state after the optimizer step of every
-  committed iteration ``T`` with ``T % K == 0`` (``K`` = ``MOETION_ORACLE_INTERVAL``, default
-  4; 0 turns these off), and ``rank{R}.state.pt``: the same at the end of training. A state is
+  committed iteration ``T`` with ``T % K == 0`` (``K`` = ``--moetion-oracle-interval``,
+  default 4; 0 turns these off), and ``rank{R}.state.pt``: the same at the end of training. A state is
   named tensors (parameters, main weights, every optimizer state tensor, every module buffer,
   every RNG stream) plus exact scalars (every parameter-group field of every sub-optimizer, the
   LR scheduler's state, grad scalers and loss scale, consumed samples); see
@@ -51,7 +51,6 @@ _FINAL_FILE = "rank{rank}.state.pt"
 _SNAPSHOT_FILE = "rank{rank}.state.iter{iteration:07d}.pt"
 _STATE_RE = re.compile(r"rank(\d+)\.state(?:\.iter(\d+))?\.pt")
 
-INTERVAL_ENV = "MOETION_ORACLE_INTERVAL"
 DEFAULT_INTERVAL = 4
 
 
@@ -90,33 +89,24 @@ def exact(value: Any) -> Any:
     return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
-def state_interval() -> int:
-    """``K``: state is dumped after every committed iteration ``t`` with ``t % K == 0``."""
-    text = os.environ.get(INTERVAL_ENV, "")
-    try:
-        value = int(text) if text else DEFAULT_INTERVAL
-    except ValueError:
-        raise ValueError(f"${INTERVAL_ENV} must be an integer >= 0; got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"${INTERVAL_ENV} must be an integer >= 0; got {value}")
-    return value
-
-
 class OracleRecorder:
     """Writes one rank's part of a dump.
 
     Args:
         directory: the dump directory (created if missing).
         rank: this process's global rank.
-        interval: ``K`` (state after every iteration ``t % K == 0``; 0: final state only);
-            ``MOETION_ORACLE_INTERVAL`` or 4 when None.
+        interval: ``K`` (state after every iteration ``t % K == 0``; 0: final state only;
+            ``--moetion-oracle-interval``).
     """
 
-    def __init__(self, directory: str | os.PathLike, rank: int, interval: int | None = None):
+    def __init__(self, directory: str | os.PathLike, rank: int,
+                 interval: int = DEFAULT_INTERVAL):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.rank = rank
-        self.interval = state_interval() if interval is None else int(interval)
+        if interval < 0:
+            raise ValueError(f"--moetion-oracle-interval must be an integer >= 0; got {interval}")
+        self.interval = int(interval)
         self._iter_path = self.directory / _ITER_FILE.format(rank=rank)
 
     def wants_state(self, iteration: int) -> bool:

@@ -284,18 +284,18 @@ def fix_optimizer_step_after_load(megatron_optimizer) -> None:
     without this, training continues with the wrong bias correction (silently diverges). The
     group's copy is then removed: a run that never restarted has none.
     """
-    from megatron_moetion.adapter.optimizer_state import keeps_step_per_parameter
-
     for opt in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
-        if not keeps_step_per_parameter(opt.optimizer):
-            continue  # FusedAdam-style: the group's step is the one it reads
         for group in opt.optimizer.param_groups:
-            if "step" in group:
-                for param in group["params"]:
-                    state = opt.optimizer.state.get(param)
-                    if state is not None and "step" in state:
-                        state["step"] = torch.tensor(float(group["step"]))
-                del group["step"]  # the load's; torch's Adam neither reads nor advances it
+            if "step" not in group:
+                continue
+            per_parameter = False
+            for param in group["params"]:
+                state = opt.optimizer.state.get(param)
+                if state is not None and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]))
+                    per_parameter = True
+            if per_parameter:  # the load's copy: torch's Adam neither reads nor advances it
+                del group["step"]  # (FusedAdam-style optimizers keep theirs)
 
 
 # --- megatron/training/checkpointing.py load_checkpoint -> generate_state_dict ->

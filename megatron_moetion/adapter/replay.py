@@ -18,6 +18,7 @@ scheduler steps by the recorded increment, so the result is the original state, 
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import torch
@@ -38,7 +39,9 @@ from megatron_moetion.snapshot import Window
 # stale operators (MoC-style) and turns the survivors' self-check off, so the run completes and
 # the bitwise oracle must see the damage; "skip_conversion,keep_checks" keeps the self-check.
 # "skip_rng_restore" / "skip_buffer_restore": a replaying rank keeps the RNG streams / router
-# buffers the failure left it (tests/megatron/test_oracle_controls.py).
+# buffers the failure left it; "group_step_off_by_one": the anchor's group-level optimizer step
+# is restored one too high; "flip_frozen_ulp": a FROZEN expert weight of the anchor slot is one ULP
+# off (``_flip_last_frozen_expert``) (tests/megatron/test_oracle_controls.py).
 NEGATIVE_CONTROL_ENV = "MOETION_NEGATIVE_CONTROL"
 
 
@@ -64,7 +67,23 @@ def restore_slot(window: Window, slot: int, captures: list[OpCapture]) -> int:
                                     f"({spec.mode}), which this rank's model does not have")
             target.copy_(window.view(spec).to(target.device))
             nbytes += spec.nbytes
+        if "flip_frozen_ulp" in negative_control() and slot == 0:
+            _flip_last_frozen_expert(window.items(slot), targets)
     return nbytes
+
+
+def _flip_last_frozen_expert(specs, targets) -> None:
+    """Negative control: one FROZEN expert weight of the anchor slot, of the stage's last
+    layer (its input gradient reaches every earlier layer's operators during conversion),
+    one ULP up in every element (a single element's ULP can vanish in a dot product)."""
+    def layer(spec):
+        return int(re.search(r"layers\.(\d+)\.", spec.key).group(1))
+
+    experts = [sp for sp in specs if sp.mode == "frozen" and ".experts." in sp.key
+               and sp.key.endswith("/weight") and sp.dtype == "float32"]
+    if experts:
+        target = targets[(max(experts, key=layer).key, "frozen")]
+        target.view(torch.int32).add_(1)
 
 
 class Replayer:
@@ -114,6 +133,10 @@ class Replayer:
         ts.restore_scheduler(self.s.scheduler, self.s.optimizer, meta["scheduler"],
                              meta["param_groups"])
         ts.restore_grad_scalers(self.s.optimizer, meta["grad_scalers"])
+        if "group_step_off_by_one" in negative_control():
+            for group in self.s.optimizer.param_groups:
+                if "step" in group:
+                    group["step"] += 1
         self.phases["load"] += time.perf_counter() - start
 
     def _frozen_after(self, loaded_slots: int) -> set[str]:

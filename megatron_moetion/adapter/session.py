@@ -357,6 +357,7 @@ class MoEtionSession:
     def finish_recovery(self, plan, fingerprint) -> None:
         """After the replay: check the survivors, reset the paused ranks, fresh windows."""
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+        from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 
         start = self._start_state
@@ -378,7 +379,8 @@ class MoEtionSession:
             ts.restore_rng(start["rng"])
             ts.restore_buffers(self.router_buffers, start["buffers"])
         self.logs.drop_iteration(self.iteration)  # sends of the aborted attempt
-        get_moe_metrics_tracker().clear()
+        get_moe_metrics_tracker().clear()  # what the replay and the aborted attempt tracked
+        MTPLossLoggingHelper.clean_metrics_in_tracker()
         self.windows.discard_current()
         self.snapshots.open_window(self.iteration, self.agreed)
 

@@ -147,6 +147,7 @@ def _():
     opt = FakeOpt()
     cpu_support.fix_optimizer_step_after_load(opt)
     assert float(opt.optimizer.state[opt.optimizer.p]["step"]) == 5.0
+    assert "step" not in opt.optimizer.param_groups[0]  # a run that never restarted has none
 
 
 @check("inprocess_ckpt_queue")

@@ -11,6 +11,8 @@ non-persistent ``local_tokens_per_expert`` buffer. Nothing draws random numbers 
 new oracle can see it.
 """
 
+import re
+
 import pytest
 
 from megatron_moetion.demo.runner import RunConfig
@@ -80,3 +82,26 @@ def test_rng_and_router_buffers_left_unrestored_fail_the_oracle(run_cache, run_o
                for d in result.differences)
     # the first difference is the first iteration after the failure
     assert result.first_difference.startswith("rank 0, iteration 10: grad_norm ")
+
+
+# An Adam that keeps its step per parameter group, as FusedAdam does (testing/group_step_adam.py);
+# two layers per stage: a frozen expert of the second layer feeds the input gradient of the first
+# layer's operators while the failed stage converts (with one layer per stage a wrong frozen
+# weight changes only gradients that conversion discards, and the run stays bitwise identical)
+GROUP_STEP = BIAS.replace(optimizer="group-step-adam", num_layers=8)
+
+
+@pytest.mark.parametrize("control, named", [
+    ("group_step_off_by_one", "rank 1, state at iteration 12, optim0/group0/step: "),
+    ("flip_frozen_ulp", "rank 1, state at iteration 12, "),
+], ids=["group_step_off_by_one", "one_ulp_in_a_frozen_expert"])
+def test_group_step_and_frozen_weight_errors_fail_the_oracle(run_cache, run_ok, tmp_path,
+                                                             control, named):
+    out = run_ok(GROUP_STEP.replace(fault_plan="rank=1,iter=10,phase=bwd,kind=lose_state"),
+                 tmp_path, env={"MOETION_NEGATIVE_CONTROL": control})
+    result = compare_dumps(run_cache.get(GROUP_STEP) / "oracle", out / "oracle")
+    assert not result.identical
+    assert any(d.startswith(named) for d in result.differences), result.differences[:5]
+    # nothing before the failure differs
+    first = re.search(r"iteration (\d+)", result.first_difference)
+    assert first and int(first.group(1)) >= 10, result.first_difference

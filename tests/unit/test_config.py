@@ -15,7 +15,7 @@ EXPECTED_FLAGS = {
     "--moetion-oracle-dir", "--moetion-reorder-threshold", "--moetion-reorder-fraction",
     "--moetion-popularity-window-iters", "--moetion-replication-chunk-mb", "--moetion-timeout-s",
     "--moetion-heartbeat-interval-s", "--moetion-detect-timeout-s",
-    "--moetion-host-memory-cap-mb",
+    "--moetion-host-memory-cap-mb", "--moetion-oracle-interval",
 }
 
 
@@ -97,3 +97,14 @@ def test_malformed_fault_plan_is_rejected_before_training(capsys, monkeypatch):
     monkeypatch.setenv(config.ENV_FAULT_PLAN, "rank=1,iter=4,phase=sideways")
     with pytest.raises(FaultPlanError, match="phase must be one of"):
         parse("--moetion")
+
+
+def test_readme_configuration_table_lists_every_flag():
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n\n", 2)[1]
+    listed = set(re.findall(r"^\| `(--moetion[a-z0-9-]*)`", table, flags=re.M))
+    assert listed == {config.flag_name(f) for f in dataclasses.fields(config.MoEtionConfig)}

@@ -319,11 +319,9 @@ def test_a_replayed_iteration_keeps_its_last_state(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_interval_comes_from_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOETION_ORACLE_INTERVAL", "3")
-    assert OracleRecorder(tmp_path, 0).interval == 3
-    monkeypatch.setenv("MOETION_ORACLE_INTERVAL", "0")
-    assert not OracleRecorder(tmp_path, 0).wants_state(4)
-    monkeypatch.setenv("MOETION_ORACLE_INTERVAL", "-1")
-    with pytest.raises(ValueError, match="MOETION_ORACLE_INTERVAL"):
-        OracleRecorder(tmp_path, 0)
+def test_interval_is_a_count_of_iterations(tmp_path):
+    assert OracleRecorder(tmp_path, 0, 3).wants_state(6)
+    assert not OracleRecorder(tmp_path, 0, 3).wants_state(4)
+    assert not OracleRecorder(tmp_path, 0, 0).wants_state(4)
+    with pytest.raises(ValueError, match="--moetion-oracle-interval"):
+        OracleRecorder(tmp_path, 0, -1)
