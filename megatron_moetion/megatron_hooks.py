@@ -94,7 +94,6 @@ def setup(model, optimizer, opt_param_scheduler, args) -> None:
             cfg, model, optimizer, opt_param_scheduler, args,
             last_checkpoint_iteration=_state.last_checkpoint_load,
         )
-        _state.session.on_checkpoint_loaded()
 
 
 def prepare_arguments(args) -> None:

@@ -169,17 +169,14 @@ class LogStore:
         return self._total
 
     # --------------------------------------------------------------- lifetime
-    def _drop_through(self, floor: int) -> None:
+    def truncate(self, floor: int) -> None:
+        """Drop everything of iterations <= ``floor``."""
         self.floor = max(self.floor, floor)
         self._boundary = {k: v for k, v in self._boundary.items() if k[0] > self.floor}
         self._data = {k: v for k, v in self._data.items() if k[0] > self.floor}
         self._records = {k: v for k, v in self._records.items() if k > self.floor}
         for it in [it for it in self._bytes if it <= self.floor]:
             self._total -= self._bytes.pop(it)
-
-    def truncate(self, floor: int) -> None:
-        """Drop everything of iterations <= ``floor``."""
-        self._drop_through(floor)
 
     def shed(self, limit_bytes: int, keep_from: int) -> int:
         """Drop the oldest iterations, never ``keep_from`` or later (the iteration being logged,
@@ -192,7 +189,7 @@ class LogStore:
             total -= self._bytes[it]
             floor, dropped = it, dropped + 1
         if floor is not None:
-            self._drop_through(floor)
+            self.truncate(floor)
             self.dropped_iterations += dropped
         return dropped
 

@@ -111,10 +111,16 @@ def named_model_params(model_chunks) -> dict[str, torch.nn.Parameter]:
 
 
 def collect_rank_state(model_chunks, optimizer) -> dict[str, torch.Tensor]:
-    """Named tensors of this rank's parameters, main copies and optimizer state (for dumps)."""
+    """Named tensors of this rank's parameters, module buffers (non-persistent ones included:
+    router token counters), main copies and optimizer state (for dumps)."""
+    from megatron.core.utils import unwrap_model
+
     named = named_model_params(model_chunks)
     name_of = {id(p): n for n, p in named.items()}
     tensors = {f"param/{n}": p.detach() for n, p in named.items()}
+    for c, chunk in enumerate(unwrap_model(list(model_chunks))):
+        for name, buf in chunk.named_buffers():
+            tensors[f"buffer/chunk{c}.{name}"] = buf.detach()
     for ms in main_states(optimizer):
         base = f"optim{ms.sub_index}/{name_of.get(id(ms.model_param), '?')}[{ms.start}:{ms.end}]"
         if not ms.shard_is_view:

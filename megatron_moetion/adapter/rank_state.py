@@ -71,13 +71,8 @@ def _numpy_rng() -> torch.Tensor | None:
 def oracle_state(model_chunks, optimizer, scheduler, args=None) -> tuple[dict, dict]:
     """``(tensors, scalars)``: everything this rank holds (see module docstring). ``args`` is
     Megatron's parsed arguments (``get_args()`` when None)."""
-    from megatron.core.utils import unwrap_model
-
     tensors: dict[str, torch.Tensor] = dict(collect_rank_state(model_chunks, optimizer))
     scalars: dict[str, Any] = {}
-    for c, chunk in enumerate(unwrap_model(list(model_chunks))):
-        for name, buf in chunk.named_buffers():
-            tensors[f"buffer/chunk{c}.{name}"] = buf.detach()
     for i, sub in enumerate(sub_optimizers(optimizer)):
         inner = getattr(sub, "optimizer", None)
         if getattr(sub, "is_stub_optimizer", False) or inner is None:

@@ -142,6 +142,7 @@ class MoEtionSession:
         self.detector.start()
         if joining is None:
             self._report_restart()
+            self._restore_checkpoint_rng()
         if self.rank == 0:
             logger.warning("[moetion] on: %d operators on rank 0, %d buddies per rank, copy "
                            "bandwidth %.2f GB/s", len(self.bindings), self.topology.num_buddies,
@@ -512,9 +513,10 @@ class MoEtionSession:
             if getattr(self.args, "save", None):
                 ts.save_checkpoint_rng(self.args.save, iteration, self.rank)
 
-    def on_checkpoint_loaded(self) -> None:
-        """After ``--load`` resumed a checkpoint and the data iterators exist: this rank's own
-        RNG streams of that checkpoint (``training_state.save_checkpoint_rng``)."""
+    def _restore_checkpoint_rng(self) -> None:
+        """After ``--load`` resumed a checkpoint (the session is built once the data iterators
+        exist): this rank's own RNG streams of that checkpoint
+        (``training_state.save_checkpoint_rng``)."""
         load = getattr(self.args, "load", None)
         if self.last_checkpoint_iteration is not None and load:
             ts.restore_checkpoint_rng(load, self.last_checkpoint_iteration, self.rank)
@@ -538,15 +540,10 @@ class MoEtionSession:
 
     def _debug_dump_live(self, iteration: int) -> None:
         """Tests only: the live state after this iteration's optimizer step, by name."""
-        from megatron.core.utils import unwrap_model
-
         from megatron_moetion.adapter.optimizer_state import collect_rank_state
 
         state = {k: v.detach().clone() for k, v in
                  collect_rank_state(self.model, self.optimizer).items()}
-        for c, chunk in enumerate(unwrap_model(list(self.model))):
-            for name, b in chunk.named_buffers():
-                state[f"buffer/chunk{c}.{name}"] = b.detach().clone()
         path = f"{self.debug_dir}/live/rank{self.rank}.iter{iteration}.pt"
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(state, path)
