@@ -18,6 +18,15 @@ from megatron_moetion.errors import ConfigError
 
 FLAG_PREFIX = "moetion"
 ENV_FAULT_PLAN = "MOETION_FAULT_PLAN"
+# --moetion-negative-control: "skip_conversion" resumes stale operators (MoC-style) and turns the
+# survivors' self-check off, so the run completes and the bitwise oracle must see the damage;
+# with "keep_checks" the self-check stays on. "skip_rng_restore" / "skip_buffer_restore": a
+# replaying rank keeps the RNG streams / router buffers the failure left it.
+# "group_step_off_by_one": the anchor's group-level optimizer step is restored one too high.
+# "flip_frozen_ulp": a FROZEN expert weight of the anchor slot is one ULP off.
+# "stale_survivors": survivors of an in-place replacement lose their optimizer state.
+NEGATIVE_CONTROLS = ("skip_conversion", "keep_checks", "skip_rng_restore", "skip_buffer_restore",
+                     "group_step_off_by_one", "flip_frozen_ulp", "stale_survivors")
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -184,6 +193,45 @@ class MoEtionConfig:
         ),
     )
 
+    # Settings for tests, benchmarks and debugging: typed here like every other setting, never
+    # read from the environment. Leave them at their defaults in production runs.
+    node_id: str = field(
+        default="",
+        metadata=_help(
+            "Testing: the node name used for buddy placement, '{rank}' filled in (e.g. "
+            "'node{rank}' makes every rank a node of its own on one host). Empty: torchrun's "
+            "GROUP_RANK, else the host name.",
+            testing=True,
+        ),
+    )
+    debug_dump_dir: str = field(
+        default="",
+        metadata=_help(
+            "Testing: after every optimizer step write this rank's live state, and at the end "
+            "the buddy copies it holds, to this directory (tests compare snapshots with them).",
+            testing=True,
+        ),
+    )
+    negative_control: str = field(
+        default="",
+        metadata=_help(
+            "Testing: a deliberately wrong recovery that the checks or the bitwise oracle must "
+            "catch; a comma-separated subset of: " + ", ".join(NEGATIVE_CONTROLS) + ".",
+            allowed=(lambda v: set(filter(None, v.split(","))) <= set(NEGATIVE_CONTROLS),
+                     "a comma-separated subset of " + ", ".join(NEGATIVE_CONTROLS)),
+            testing=True,
+        ),
+    )
+    bench_baseline: str = field(
+        default="",
+        metadata=_help(
+            "Benchmarks: 'moc' snapshots like MoC-System's partial checkpoints (each slot's "
+            "operators in full, no FROZEN compute weights: no exact recovery).",
+            allowed=(lambda v: v in ("", "moc"), "'' or 'moc'"),
+            testing=True,
+        ),
+    )
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             allowed = f.metadata.get("allowed")
@@ -197,16 +245,21 @@ class MoEtionConfig:
         if not self.enabled:
             # Fault plans and sparse-checkpoint settings need MoEtion itself; silently
             # ignoring them would let a user believe they are protected.
-            for name in ("fault_plan", "persist_dir", "metrics_file"):
+            for name in ("fault_plan", "persist_dir", "metrics_file", "node_id",
+                         "debug_dump_dir", "negative_control", "bench_baseline"):
                 if getattr(self, name):
                     raise ConfigError(
                         f"--{FLAG_PREFIX}-{name.replace('_', '-')} needs --moetion; "
                         f"got it without --moetion"
                     )
         if self.fault_plan:
-            from megatron_moetion.testing.faults import FaultPlan
+            from megatron_moetion.fault_plan import FaultPlan
 
             FaultPlan.parse(self.fault_plan)  # raises FaultPlanError on a malformed plan
+
+    @property
+    def negative_controls(self) -> frozenset[str]:
+        return frozenset(filter(None, self.negative_control.split(",")))
 
     @property
     def replication_chunk_bytes(self) -> int:
@@ -229,7 +282,7 @@ def _argparse_type(kind, f: dataclasses.Field):
         if allowed is not None and not allowed[0](value):
             raise argparse.ArgumentTypeError(f"must be {allowed[1]}; got {value!r}")
         if f.name == "fault_plan" and value:
-            from megatron_moetion.testing.faults import FaultPlan
+            from megatron_moetion.fault_plan import FaultPlan
 
             try:
                 FaultPlan.parse(value)

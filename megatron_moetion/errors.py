@@ -20,24 +20,12 @@ class FaultPlanError(ConfigError):
     """``--moetion-fault-plan`` / ``MOETION_FAULT_PLAN`` could not be parsed."""
 
 
-class MegatronVersionError(MoEtionError):
-    """The Megatron-LM checkout or megatron-core package is not the pinned one."""
-
-
 class UnsupportedConfigurationError(MoEtionError):
     """The Megatron configuration uses a feature MoEtion cannot snapshot or replay exactly."""
 
 
 class SnapshotFormatError(MoEtionError):
     """A persisted snapshot file has an unknown version, a bad header or a checksum mismatch."""
-
-
-class IntegrityError(MoEtionError):
-    """Bytes received or read back do not match the checksum taken when they were written."""
-
-
-class ReplicaUnavailableError(MoEtionError):
-    """No surviving buddy holds a verified copy of a window that recovery needs."""
 
 
 class RecoveryError(MoEtionError):
@@ -53,6 +41,3 @@ class RecoveryError(MoEtionError):
         lines = [message] + [f"  rank {r}: {why}" for r, why in sorted(self.lost.items())]
         super().__init__("\n".join(lines))
 
-
-class InjectedFailure(MoEtionError):
-    """Raised by the fault injector where a planned fault is of kind ``exception``."""

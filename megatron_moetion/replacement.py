@@ -33,10 +33,6 @@ ENV_ACTIVE = "MOETION_ACTIVE_WORLD_SIZE"
 ENV_SPARES = "MOETION_SPARES"
 
 
-class ReplacementError(RuntimeError):
-    """The dead ranks cannot be replaced in place; ``reason`` says why."""
-
-
 @dataclass
 class Decision:
     """What every rank does after a failure of generation ``generation - 1``."""
@@ -116,7 +112,7 @@ class Membership:
         self.store.set(self._key("done"), "1")
 
     # ------------------------------------------------------------------ survivors
-    def hand_off(self, generation: int, rank: int, dead: list[int], state: dict) -> None:
+    def hand_off(self, generation: int, rank: int, state: dict) -> None:
         """Publish where this survivor's training state stands after generation's failure."""
         self.store.set(self._key("gen", generation, "handoff", rank), json.dumps(state))
 

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_moetion.snapshot import HostBufferPool, SnapshotEngine, Window, unpack_meta
+from megatron_moetion.host_copy import HostBufferPool
+from megatron_moetion.snapshot import SnapshotEngine, Window, unpack_meta
 from megatron_moetion.transport import Parcel, ProcessGroupTransport
 
 logger = logging.getLogger(__name__)
@@ -117,9 +118,14 @@ class Replicator:
         self._thread = threading.Thread(target=self._run, name="moetion-replication", daemon=True)
         self._thread.start()
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.buddies)
+    def rebind(self, transport: ProcessGroupTransport | None) -> None:
+        """The transport of a new generation's replication group (None: between two)."""
+        self.transport = transport
+
+    def continue_rounds(self, last_round: int) -> None:
+        """A warm spare: the job's rounds so far count as finished here (none is in flight)."""
+        with self._lock:
+            self.finished_round = int(last_round)
 
     def start_round(self, window: Window | None, corrupt: bool = False,
                     window_id: int | None = None) -> None:

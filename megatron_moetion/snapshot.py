@@ -27,22 +27,24 @@ A window buffer is never handed back to the pool while a copy into it may be pen
 (``release`` waits for it), and ``seal`` waits too, before anyone reads the bytes. On CPU the
 copies are plain memcpy, done before ``capture`` returns.
 
-The asynchronous path goes through a *copier* (``SideStreamCopies`` on CUDA): ``launch`` queues
-copies after the work already issued on the training stream, ``order_before_current`` makes the
-training stream wait for them, ``synchronize`` blocks the host. Tests inject a copier that
-defers copies on CPU, to check the ordering rules above without a GPU.
+The asynchronous path goes through a *copier* (``host_copy.SideStreamCopies`` on CUDA):
+``launch`` queues copies after the work already issued on the training stream,
+``order_before_current`` makes the training stream wait for them, ``synchronize`` blocks the
+host. Tests inject a copier that defers copies on CPU, to check the ordering rules above
+without a GPU.
 """
 
 from __future__ import annotations
 
 import pickle
-import threading
 import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from megatron_moetion.host_copy import HostBufferPool, SideStreamCopies
 
 ALIGN = 64
 
@@ -218,86 +220,6 @@ def checksum(buffer: torch.Tensor, nbytes: int | None = None) -> int:
     return zlib.crc32(buffer[:n].numpy())
 
 
-class HostBufferPool:
-    """Reuses host buffers by size; ``allocations`` counts fresh allocations (for tests)."""
-
-    def __init__(self, pinned: bool):
-        self.pinned = pinned
-        self._free: list[torch.Tensor] = []
-        self._lock = threading.Lock()  # the replication thread takes buffers too
-        self.allocations = 0
-        self.allocated_bytes = 0
-
-    def get(self, nbytes: int) -> torch.Tensor:
-        with self._lock:
-            best = None
-            for i, buf in enumerate(self._free):
-                if buf.numel() >= nbytes and (best is None or buf.numel() < self._free[best].numel()):
-                    best = i
-            if best is not None:
-                return self._free.pop(best)
-            self.allocations += 1
-            self.allocated_bytes += nbytes
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
-
-    def put(self, buf: torch.Tensor | None) -> None:
-        if buf is not None:
-            with self._lock:
-                self._free.append(buf)
-
-    def free_bytes(self) -> int:
-        with self._lock:
-            return sum(b.numel() for b in self._free)
-
-    def trim(self) -> int:
-        """Let go of every free buffer (host memory over its cap); return the bytes freed.
-        The next ``get`` of that size allocates again."""
-        with self._lock:
-            freed, self._free = sum(b.numel() for b in self._free), []
-        return freed
-
-
-class SideStreamCopies:
-    """Device-to-host copies on a CUDA side stream: the engine's and the logs' copier.
-
-    Args:
-        device: the CUDA device the sources live on.
-        stream: the side stream (created if None).
-    """
-
-    pinned = True  # destinations are pinned host memory
-
-    def __init__(self, device: torch.device, stream=None):
-        self.device = torch.device(device)
-        self.stream = stream or torch.cuda.Stream(device=self.device)
-
-    def launch(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-               keep_alive: Sequence[torch.Tensor] = ()):
-        """Queue ``dst.copy_(src)`` for every pair after what the training stream has issued so
-        far; ``keep_alive`` tensors are not reused by the allocator before the copies ran.
-        Returns an event (the handle for the two calls below)."""
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(ready)
-            for dst, src in pairs:
-                dst.copy_(src, non_blocking=True)
-            for t in keep_alive:
-                if t.is_cuda:
-                    t.record_stream(self.stream)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        return done
-
-    def order_before_current(self, handle) -> None:
-        """Work issued on the training stream from now on runs after the copies."""
-        torch.cuda.current_stream(self.device).wait_event(handle)
-
-    def synchronize(self, handle) -> None:
-        """Block the host until the copies (and every copy launched before them) are done."""
-        handle.synchronize()
-
-
 class SnapshotEngine:
     """Captures operator state into window buffers; see the module docstring for call order.
 
@@ -317,7 +239,6 @@ class SnapshotEngine:
         self.pool = HostBufferPool(pinned=bool(getattr(copier, "pinned", False)))
         self._pending = None  # copier handle of the last capture not known to be done
         self.last_copy_s = 0.0
-        self.last_copy_bytes = 0
 
     def begin_window(self, window_id: int, start_iteration: int, layout: WindowLayout,
                      meta: dict) -> Window:
@@ -356,7 +277,6 @@ class SnapshotEngine:
                 self._pending = self.copier.launch(pairs, keep_alive=staged)
         window.slot_meta[slot] = dict(meta)
         self.last_copy_s = time.perf_counter() - start
-        self.last_copy_bytes = nbytes
         return nbytes
 
     def wait_for_copies(self) -> float:
@@ -389,20 +309,3 @@ class SnapshotEngine:
         if window.crc is None:
             window.crc = checksum(window.buffer, window.layout.total_bytes)
         return window.crc
-
-
-def measure_copy_bandwidth(device: torch.device, nbytes: int = 64 << 20, repeats: int = 3) -> float:
-    """Device-to-host copy bandwidth in bytes/s into pinned memory (memcpy on CPU)."""
-    device = torch.device(device)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        dst.copy_(src, non_blocking=device.type == "cuda")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return nbytes / max(best, 1e-9)

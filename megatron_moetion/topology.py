@@ -44,8 +44,6 @@ class Topology:
         self.world_size = len(self.infos)
         if sorted(self.infos) != list(range(self.world_size)):
             raise ValueError(f"rank table must cover ranks 0..N-1; got {sorted(self.infos)}")
-        self.num_stages = 1 + max(i.stage for i in self.infos.values())
-        self.requested_buddies = replication_factor
         self._buddies = assign_buddies([self.infos[r].node for r in range(self.world_size)],
                                        replication_factor)
         self.num_buddies = len(self._buddies[0]) if self._buddies else 0

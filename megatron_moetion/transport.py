@@ -70,7 +70,6 @@ class ProcessGroupTransport:
         self.group = group
         self.chunk_bytes = chunk_bytes
         self.bytes_sent = 0
-        self.bytes_received = 0
 
     def _isend(self, tensor: torch.Tensor, dst: int, tag: int):
         return dist.isend(tensor, dst=dst, group=self.group, tag=tag), tensor
@@ -132,7 +131,6 @@ class ProcessGroupTransport:
         self.bytes_sent += out_n + (len(parcel.blob) if parcel is not None else 0)
         if recv_from is None:
             return None
-        self.bytes_received += in_n + in_blob_n
         blob = bytes(blob_in.numpy().tobytes())
         ids = tuple(int(x) for x in header_in[4:])
         received = Parcel(data_in, blob, ids, int(header_in[2]))

@@ -32,6 +32,8 @@ from types import MappingProxyType
 
 import torch
 
+from megatron_moetion.host_copy import SideStreamCopies
+
 BoundaryKey = tuple[int, int, int, str]  # iteration, microbatch, chunk, direction
 
 
@@ -60,7 +62,7 @@ class LogStore:
 
     Args:
         device: the training device (CUDA: asynchronous copies into pinned memory).
-        copier: the asynchronous copier (default: ``snapshot.SideStreamCopies`` on CUDA, none
+        copier: the asynchronous copier (default: ``host_copy.SideStreamCopies`` on CUDA, none
             on CPU); tests inject one to run the asynchronous path on CPU.
 
     Attributes:
@@ -73,8 +75,6 @@ class LogStore:
     def __init__(self, device: torch.device, copier=None):
         self.device = torch.device(device)
         if copier is None and self.device.type == "cuda":
-            from megatron_moetion.snapshot import SideStreamCopies
-
             copier = SideStreamCopies(self.device)
         self.copier = copier
         self._boundary: dict[BoundaryKey, torch.Tensor] = {}

@@ -53,11 +53,14 @@ class WindowManager:
         self.open_id: int | None = None  # the window being captured (kept when it is lost)
         self.last_round = -1  # id of the latest window shipped (every rank ships the same ids)
         self.skipped = 0
-        self.shipped_count = 0
         self.largest_window = (0, 0)  # (bytes, W) of the largest window opened so far
         self.longest_round_iters = 0  # the longest acknowledged round, in iterations
         self._ticks = 0  # advance() calls: one per iteration
         self._round: tuple[int, int] | None = None  # (window id, tick) of the round running
+
+    def continue_numbering(self, next_window_id: int, last_round: int) -> None:
+        """A warm spare: continue the job's window and round numbering."""
+        self.next_window_id, self.last_round = int(next_window_id), int(last_round)
 
     def open(self, start_iteration: int, layout: WindowLayout, meta: dict) -> Window:
         if self.current is not None:
@@ -96,7 +99,6 @@ class WindowManager:
         if self.shipped is not None and self.shipped is not self.persisted:
             self._release(self.shipped)
         self.shipped = window
-        self.shipped_count += 1
         self._round = (window.window_id, self._ticks)
         self.replicator.start_round(window, corrupt=corrupt)
         return "shipped"

@@ -49,7 +49,7 @@ import ast, sys
 out = sys.argv[1]
 import torch
 if not torch.cuda.is_available():
-    from megatron_moetion.adapter import cpu_support
+    from megatron_moetion.testing import cpu_support
     cpu_support.install()
 import megatron.training.arguments as arguments
 import megatron.training.training as training

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_moetion.adapter.discovery import OperatorBinding
-from megatron_moetion.adapter.optimizer_state import MainState, main_states, sub_optimizers
+from megatron_moetion.adapter.optimizer_layout import MainState, main_states, sub_optimizers
 from megatron_moetion.operators import OperatorSpec
 from megatron_moetion.snapshot import CaptureItem
 

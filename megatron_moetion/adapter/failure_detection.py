@@ -2,16 +2,15 @@
 
 ``FailureDetector`` runs ``liveness.Liveness`` on the job's rendezvous store (with torchrun's
 c10d rendezvous that store lives in the agent, so it outlives every worker, rank 0 included).
-Its verdict ends the job on every surviving rank within about one heartbeat: the main thread
-may be blocked in a collective with the dead rank that only its timeout would end, so the
-heartbeat thread reports and exits the process, as torch's own NCCL watchdog does. A main
-thread whose collective failed instead (the peer's connection reset) waits for the verdict
-rather than dying at once and being taken for dead itself.
 
-What happens then (today): the job restarts from the last persistent Megatron checkpoint
-(``--save``/``--load``), a global rollback, reported with the detection time; without a
-checkpoint it is a clear error naming the dead ranks. Survivors keeping their state while a
-spare replaces the dead rank is not built yet (see docs/design.md).
+With warm spares (``adapter.inprocess``) the verdict is only reported: the main thread, whose
+collective with the dead rank failed, leaves the generation and a spare takes the dead rank's
+place. Without them the failure policy's fallback applies on every surviving rank within about
+one heartbeat: the main thread may be blocked in a collective with the dead rank that only its
+timeout would end, so the heartbeat thread reports and exits the process (as torch's own NCCL
+watchdog does), for a restart from the last persistent Megatron checkpoint, or, without one,
+with ``EXIT_FATAL``. A main thread whose collective failed instead (the peer's connection reset)
+waits for the verdict rather than dying at once and being taken for dead itself.
 
 The one rank that declares the failure records the fallback for the restarted job and, once
 every survivor has reported, fences the dead ranks it can reach (a process on its own host
@@ -24,11 +23,11 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 
 import torch.distributed as dist
 
+from megatron_moetion.adapter.failure_policy import Outcome
 from megatron_moetion.liveness import Liveness, Verdict, wait_for_verdict_on_collective_errors
 
 logger = logging.getLogger(__name__)
@@ -40,24 +39,31 @@ def in_place_replacement() -> bool:
 
     return ENV_PROCESS_ID in os.environ
 
-EXIT_PEER_LOST = 76  # a rank died and there is no persistent checkpoint to restart from
 
 
 class FailureDetector:
-    """Liveness for one MoEtion session (see module docstring)."""
+    """Liveness for one rank's session (see module docstring).
 
-    def __init__(self, session):
-        self.s = session
+    Args:
+        cfg: the MoEtion configuration (heartbeat interval, detect timeout).
+        rank, world_size: this rank and the job's size.
+        policy: the failure policy (reports, fallback, exit).
+        iteration: returns the iteration this rank is in.
+        replace_in_place: warm spares replace dead ranks (the verdict is only reported).
+    """
+
+    def __init__(self, cfg, rank: int, world_size: int, policy, iteration,
+                 replace_in_place: bool = False):
+        self.cfg, self.rank, self.policy, self.iteration = cfg, rank, policy, iteration
+        self.replace_in_place = replace_in_place
         store = dist.distributed_c10d._get_default_store()
-        self.liveness = Liveness(store, session.rank, session.world_size,
-                                 session.cfg.heartbeat_interval_s, session.cfg.detect_timeout_s,
-                                 self._on_failure, self._on_declare)
+        self.liveness = Liveness(store, rank, world_size, cfg.heartbeat_interval_s,
+                                 cfg.detect_timeout_s, self._on_failure, self._on_declare)
 
     def start(self) -> None:
         self.liveness.start()
-        cfg = self.s.cfg
         wait_for_verdict_on_collective_errors(
-            self.liveness, cfg.detect_timeout_s + 2 * cfg.heartbeat_interval_s)
+            self.liveness, self.cfg.detect_timeout_s + 2 * self.cfg.heartbeat_interval_s)
 
     def progress(self, iteration: int, phase: str) -> None:
         self.liveness.progress(iteration, phase)
@@ -65,22 +71,28 @@ class FailureDetector:
     def stop(self) -> None:
         self.liveness.stop(finished=True)
 
+    def abandon(self) -> None:
+        """A survivor leaving a failed generation: stop beating without saying it finished."""
+        self.liveness.stop(finished=False)
+
+    def await_verdict(self) -> Verdict | None:
+        """After a collective failed on this rank: the verdict, or None within the detect
+        timeout (then the failure was not a peer's death)."""
+        return self.liveness.wait_for_verdict(self.cfg.detect_timeout_s
+                                              + 2 * self.cfg.heartbeat_interval_s)
+
     # ------------------------------------------------------------------ on the heartbeat thread
     def _report(self, verdict: Verdict) -> dict:
-        s = self.s
-        checkpoint = s.last_checkpoint_iteration
-        detection = verdict.silent_s + max(0.0, time.time() - verdict.declared_wall)
         # the dead rank's last heartbeat may be from the iteration before; this rank is in the
         # iteration the failure stopped
-        fault_iteration = max([s.iteration] + [v["iteration"] for v in verdict.last_seen.values()])
-        return {"kind": "recovery", "cause": "process_failure", "fallback": True,
-                "failed": verdict.dead, "reason": verdict.describe(),
-                "fault_iteration": fault_iteration, "detection_s": detection,
-                "declared_by": verdict.declared_by, "checkpoint_iteration": checkpoint,
-                "rollback_iterations": (s.iteration - 1 - checkpoint
-                                        if checkpoint is not None else None),
-                "global_rollback_rank_iterations": (s.iteration - 1 - (checkpoint or 0))
-                * s.world_size}
+        fault_iteration = max([self.iteration()] + [v["iteration"]
+                                                    for v in verdict.last_seen.values()])
+        return self.policy.report(
+            cause="process_failure", outcome=self.policy.fallback(), failed=verdict.dead,
+            fault_iteration=fault_iteration, reason=verdict.describe(),
+            fallback_reason="no warm spare to replace it in place",
+            detection_s=verdict.silent_s + max(0.0, time.time() - verdict.declared_wall),
+            declared_by=verdict.declared_by)
 
     @staticmethod
     def _fence(verdict: Verdict) -> None:
@@ -95,48 +107,30 @@ class FailureDetector:
                     pass
 
     def _on_declare(self, verdict: Verdict) -> None:
-        from megatron_moetion.adapter.recovery import can_restart_from_checkpoint, record_fallback
-
-        if in_place_replacement():
+        if self.replace_in_place:
             self._fence(verdict)  # at once: survivors blocked on it are released by its death
-        elif can_restart_from_checkpoint(self.s):
-            record_fallback(self.s.args.save, self._report(verdict))
-
-    def await_verdict(self) -> Verdict | None:
-        """After a collective failed on this rank: the verdict, or None within the detect
-        timeout (then the failure was not a peer's death)."""
-        cfg = self.s.cfg
-        return self.liveness.wait_for_verdict(cfg.detect_timeout_s + 2 * cfg.heartbeat_interval_s)
+        else:
+            self.policy.record(self._report(verdict))
 
     def _on_failure(self, verdict: Verdict) -> None:
-        if in_place_replacement():  # the main thread leaves the generation (adapter.inprocess)
-            logger.error("[moetion] rank %d: %s; replacing it in place", self.s.rank,
+        if self.replace_in_place:  # the main thread leaves the generation (adapter.inprocess)
+            logger.error("[moetion] rank %d: %s; replacing it in place", self.rank,
                          verdict.describe())
             return
-        from megatron_moetion.adapter.recovery import (
-            EXIT_RESTART_FROM_CHECKPOINT,
-            can_restart_from_checkpoint,
-        )
-
         report = self._report(verdict)
         try:
-            self.s.metrics.write({"rank": self.s.rank, **report})
+            self.policy.emit(report)
         except Exception:  # noqa: BLE001 - reporting must not stop the exit
             pass
-        if can_restart_from_checkpoint(self.s):
-            logger.error("[moetion] rank %d: %s; stopping for a restart from the persistent "
-                         "checkpoint of iteration %d (detected after %.1f s)", self.s.rank,
-                         report["reason"], self.s.last_checkpoint_iteration,
-                         report["detection_s"])
-            code = EXIT_RESTART_FROM_CHECKPOINT
-        else:
-            logger.error("[moetion] rank %d: RecoveryError: %s; and there is no persistent "
-                         "checkpoint to fall back to (--save/--load), so the training state is "
-                         "lost", self.s.rank, report["reason"])
-            code = EXIT_PEER_LOST
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        self.liveness.settle(verdict)
-        if verdict.declared_by == self.s.rank:
-            self._fence(verdict)  # last: a dead process ends the job under torchrun
-        os._exit(code)
+        outcome = self.policy.fallback()
+        detail = (f" (detected after {report['detection_s']:.1f} s)"
+                  if report["outcome"] == "restart_from_checkpoint" else "")
+
+        def last_words():
+            self.liveness.settle(verdict)
+            if verdict.declared_by == self.rank:
+                self._fence(verdict)  # last: a dead process ends the job under torchrun
+
+        error = "RecoveryError: " if outcome is Outcome.FATAL else ""
+        self.policy.exit(outcome, f"rank {self.rank}: {error}{report['reason']}; "
+                                  f"{self.policy.describe(outcome)}{detail}", before=last_words)

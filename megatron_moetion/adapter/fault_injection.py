@@ -4,12 +4,9 @@
 Each fires once per job: a fired fault is appended to ``<save>/moetion_faults_fired.jsonl``, and
 a job restarted from its checkpoint does not fire it again. ``terminate_self`` carries out
 ``kill`` (SIGKILL of this worker) and ``hang`` (SIGSTOP: every thread of the process stops and
-it answers nothing until something kills it). ``wipe_rank_state`` carries out ``lose_state``:
-it overwrites the model's parameters and buffers, the optimizer's main weights and state, the LR
-scheduler's counters and the RNG streams with garbage (NaN, where a dtype allows it), so
-anything recovery fails to restore shows up in the bitwise comparison. The caller also drops the
-rank's snapshots, the replicas it holds and its logs. The process and its process groups stay
-up.
+it answers nothing until something kills it). ``lose_state`` is carried out by the session:
+``RankState.wipe`` overwrites the rank's training state with garbage, and every component drops
+what it holds (windows, the replicas it keeps, logs); the process and its groups stay up.
 """
 
 from __future__ import annotations
@@ -22,8 +19,7 @@ import sys
 
 import torch
 
-from megatron_moetion.adapter.optimizer_state import main_states
-from megatron_moetion.testing.faults import Fault, FaultPlan
+from megatron_moetion.fault_plan import Fault, FaultPlan
 
 logger = logging.getLogger(__name__)
 
@@ -78,49 +74,23 @@ def terminate_self(kind: str) -> None:
     signal.pause()  # not reached for kill; a stopped process never gets here either
 
 
-_GARBAGE = torch.Generator().manual_seed(0xBAD)
+def firing_forward_step(forward_step_func, faults: FaultInjector, iteration: int, fire):
+    """``forward_step_func``, firing ``fwd`` faults before the first forward micro-batch of
+    ``iteration`` and ``bwd`` faults when its first backward micro-batch reaches this rank
+    (``fire(phase)``); unchanged when none is planned."""
+    if not any(f.phase in ("fwd", "bwd") and f.iteration == iteration for f in faults.pending):
+        return forward_step_func
+    state = {"first": True}
 
+    def forward_step(*args, **kwargs):
+        first, state["first"] = state["first"], False
+        if first:
+            fire("fwd")
+        output, loss_func = forward_step_func(*args, **kwargs)
+        if first and torch.is_tensor(output) and output.requires_grad:
+            output.register_hook(lambda grad: fire("bwd"))
+        elif first:
+            fire("bwd")
+        return output, loss_func
 
-def _garbage(t: torch.Tensor) -> None:
-    """Overwrite with small finite noise: NaN would trip Megatron's own NaN checks, whose
-    rerun machinery then re-runs only some ranks' forward-backward, a divergence no real
-    failure causes (a dead rank sends nothing at all)."""
-    if t.is_floating_point():
-        noise = torch.randn(t.shape, generator=_GARBAGE, dtype=torch.float32) * 0.02
-        t.copy_(noise.abs().to(t.device, t.dtype))
-    else:
-        t.fill_(0)
-
-
-@torch.no_grad()
-def wipe_rank_state(model_chunks, optimizer, scheduler, bindings) -> None:
-    """Destroy this rank's training state in place (see module docstring). Buffers that are
-    state (every operator's captured buffers: router bias and token counters, persistent
-    buffers) are wiped; constant non-persistent buffers (RoPE frequencies) are what a restarted
-    process would rebuild from code, so they are left alone."""
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    for chunk in model_chunks:
-        for p in chunk.parameters():
-            _garbage(p.data)
-    for binding in bindings:
-        for _, b in binding.buffers:
-            _garbage(b)
-    for ms in main_states(optimizer):
-        if not ms.shard_is_view:
-            _garbage(ms.main_param.data)
-        for value in ms.state().values():
-            if torch.is_tensor(value):
-                _garbage(value)
-    if scheduler is not None:
-        scheduler.num_steps = -12345
-    for group in optimizer.param_groups:
-        group["lr"] = 0.5
-        if "step" in group:  # FusedAdam's group-level step
-            group["step"] = 12345
-    from megatron.core.tensor_parallel.random import _get_cuda_rng_state
-
-    torch.manual_seed(0xDEAD)  # also reseeds the CUDA generator
-    garbage = _get_cuda_rng_state(clone=True)  # valid, but not the state the rank had
-    tracker = get_cuda_rng_tracker()
-    tracker.set_states({k: garbage.clone() for k in tracker.get_states()})
+    return forward_step

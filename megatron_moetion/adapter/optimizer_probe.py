@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from megatron_moetion.adapter.optimizer_state import sub_optimizers
+from megatron_moetion.adapter.optimizer_layout import sub_optimizers
 
 
 def _exact(value):

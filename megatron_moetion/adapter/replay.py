@@ -17,13 +17,12 @@ scheduler steps by the recorded increment, so the result is the original state, 
 
 from __future__ import annotations
 
-import os
 import re
 import time
 
 import torch
 
-from megatron_moetion.adapter import training_state as ts
+from megatron_moetion.adapter import rng_state
 from megatron_moetion.adapter.capture import (
     OpCapture,
     frozen,
@@ -35,22 +34,11 @@ from megatron_moetion.errors import RecoveryError
 from megatron_moetion.recovery_plan import RecoveryPlan
 from megatron_moetion.snapshot import Window
 
-# Tests only: a deliberately wrong recovery the checks must catch. "skip_conversion" resumes
-# stale operators (MoC-style) and turns the survivors' self-check off, so the run completes and
-# the bitwise oracle must see the damage; "skip_conversion,keep_checks" keeps the self-check.
-# "skip_rng_restore" / "skip_buffer_restore": a replaying rank keeps the RNG streams / router
-# buffers the failure left it; "group_step_off_by_one": the anchor's group-level optimizer step
-# is restored one too high; "flip_frozen_ulp": a FROZEN expert weight of the anchor slot is one ULP
-# off (``_flip_last_frozen_expert``) (tests/megatron/test_oracle_controls.py).
-NEGATIVE_CONTROL_ENV = "MOETION_NEGATIVE_CONTROL"
 
-
-def negative_control() -> set[str]:
-    return set(filter(None, os.environ.get(NEGATIVE_CONTROL_ENV, "").split(",")))
-
-
-def restore_slot(window: Window, slot: int, captures: list[OpCapture]) -> int:
-    """Copy every item of ``slot`` back into the live tensors; return bytes restored."""
+def restore_slot(window: Window, slot: int, captures: list[OpCapture],
+                 controls: frozenset[str] = frozenset()) -> int:
+    """Copy every item of ``slot`` back into the live tensors; return bytes restored.
+    ``controls``: the negative controls of ``--moetion-negative-control`` (tests only)."""
     targets = {}
     for cap in captures:
         for mode, items in (("active", cap.active), ("frozen", cap.frozen)):
@@ -59,7 +47,7 @@ def restore_slot(window: Window, slot: int, captures: list[OpCapture]) -> int:
     nbytes = 0
     with torch.no_grad():
         for spec in window.items(slot):
-            if spec.key.startswith("buffer/") and "skip_buffer_restore" in negative_control():
+            if spec.key.startswith("buffer/") and "skip_buffer_restore" in controls:
                 continue
             target = targets.get((spec.key, spec.mode))
             if target is None or target.numel() != spec.numel:
@@ -67,7 +55,7 @@ def restore_slot(window: Window, slot: int, captures: list[OpCapture]) -> int:
                                     f"({spec.mode}), which this rank's model does not have")
             target.copy_(window.view(spec).to(target.device))
             nbytes += spec.nbytes
-        if "flip_frozen_ulp" in negative_control() and slot == 0:
+        if "flip_frozen_ulp" in controls and slot == 0:
             _flip_last_frozen_expert(window.items(slot), targets)
     return nbytes
 
@@ -90,51 +78,55 @@ class Replayer:
     """Runs conversion and catch-up for one plan on one replaying rank.
 
     Args:
-        session: the rank's ``MoEtionSession``.
+        objects: the rank's ``MegatronObjects``.
+        upstream: the rank's ``UpstreamLog`` (logged data and scalars; replay routing).
         plan: the recovery plan.
         window: the anchor window (own, or pulled from a buddy).
         kwargs: the forward-backward call of the aborted iteration (template for replays).
         forward_backward_func: Megatron's schedule.
+        is_lost: whether the rank lost its state again mid-replay (then only the collectives
+            matter).
+        controls: ``--moetion-negative-control`` (tests only): a deliberately wrong replay.
         on_first_iteration: called after the first replayed iteration (fault injection).
     """
 
-    def __init__(self, session, plan: RecoveryPlan, window: Window, kwargs: dict,
-                 forward_backward_func, on_first_iteration=None):
-        self.s, self.plan, self.window = session, plan, window
+    def __init__(self, objects, upstream, plan: RecoveryPlan, window: Window, kwargs: dict,
+                 forward_backward_func, *, is_lost, controls: frozenset[str] = frozenset(),
+                 on_first_iteration=None):
+        self.objects, self.upstream, self.plan, self.window = objects, upstream, plan, window
         self.kwargs, self.fwd_bwd = kwargs, forward_backward_func
+        self.is_lost, self.controls = is_lost, controls
         self.on_first_iteration = on_first_iteration
-        self.captures = session.fresh_captures()
-        self.linears = linear_layers_by_weight(session.model)
+        self.captures = objects.fresh_captures()
+        self.linears = linear_layers_by_weight(objects.model)
         self.slots = [set(names) for names in window.meta["slots"]]
         # What every replayed iteration reads, fetched up front: a rank that loses its state
         # in the middle of the replay (a fault during recovery) still runs the same collectives
         # to the end, with garbage, and the end-of-recovery agreement then restarts recovery.
+        logs = upstream.store
         iterations = list(plan.conversion) + list(plan.catch_up)
-        missing = [t for t in iterations if t not in session.logs.records]
+        missing = [t for t in iterations if t not in logs.records]
         if missing:
-            raise RecoveryError(f"no global scalars for iterations {missing} on rank "
-                                f"{session.rank}")
-        self.records = {t: session.logs.records[t] for t in iterations}
-        self.data = {t: session.logs.data_for(t) for t in iterations}
+            raise RecoveryError(f"no global scalars for iterations {missing} on this replaying "
+                                f"rank")
+        self.records = {t: logs.records[t] for t in iterations}
+        self.data = {t: logs.data_for(t) for t in iterations}
         self.phases = {"load": 0.0, "conversion": 0.0, "catch_up": 0.0}
         self.bytes_loaded = 0
 
     def _load_slot(self, slot: int) -> None:
-        if not self.s.lost:  # after a fault during recovery only the collectives matter
-            self.bytes_loaded += restore_slot(self.window, slot, self.captures)
-            if "skip_rng_restore" not in negative_control():
-                ts.restore_rng(self.window.slot_meta[slot]["rng_after"])
-        sync_model_params(self.s.optimizer, self.s.model)
+        if not self.is_lost():  # after a fault during recovery only the collectives matter
+            self.bytes_loaded += restore_slot(self.window, slot, self.captures, self.controls)
+            if "skip_rng_restore" not in self.controls:
+                rng_state.restore_rng(self.window.slot_meta[slot]["rng_after"])
+        sync_model_params(self.objects.optimizer, self.objects.model)
 
     def load_anchor(self) -> None:
         start = time.perf_counter()
-        meta = self.window.slot_meta[0]
         self._load_slot(0)
-        ts.restore_scheduler(self.s.scheduler, self.s.optimizer, meta["scheduler"],
-                             meta["param_groups"])
-        ts.restore_grad_scalers(self.s.optimizer, meta["grad_scalers"])
-        if "group_step_off_by_one" in negative_control():
-            for group in self.s.optimizer.param_groups:
+        self.objects.state.load_step_state(self.window.slot_meta[0])
+        if "group_step_off_by_one" in self.controls:
+            for group in self.objects.optimizer.param_groups:
                 if "step" in group:
                     group["step"] += 1
         self.phases["load"] += time.perf_counter() - start
@@ -143,25 +135,22 @@ class Replayer:
         return {name for k in range(loaded_slots, len(self.slots)) for name in self.slots[k]}
 
     def replay_iteration(self, t: int, frozen_ops: set[str]) -> None:
-        s = self.s
-        record = self.records[t]
+        objects, record = self.objects, self.records[t]
         frozen_main = [p for c in self.captures if c.name in frozen_ops for p in c.main_params]
-        for chunk in s.model:
-            chunk.zero_grad_buffer()
-        s.optimizer.zero_grad()
-        s.flow.begin(t, replaying=True)
+        objects.zero_grads()
+        self.upstream.begin(t, replaying=True)
         kwargs = dict(self.kwargs)
         kwargs["num_microbatches"] = record["num_microbatches"]
         kwargs["data_iterator"] = ReplayIterator(self.data[t], t)
-        with frozen(self.captures, frozen_ops, self.linears), s.ddp_without_overlap():
+        with frozen(self.captures, frozen_ops, self.linears), objects.ddp_without_overlap():
             self.fwd_bwd(**kwargs)
-        with s.probe.replaying(record, frozen_main):
-            s.optimizer.step()
-        if record["update_successful"] and s.scheduler is not None:
-            s.scheduler.step(increment=record["increment"])
+        with objects.probe.replaying(record, frozen_main):
+            objects.optimizer.step()
+        if record["update_successful"] and objects.scheduler is not None:
+            objects.scheduler.step(increment=record["increment"])
 
     def run(self) -> None:
-        if "skip_conversion" in negative_control():
+        if "skip_conversion" in self.controls:
             return self._run_without_conversion()
         self.load_anchor()
         first = True
@@ -183,7 +172,7 @@ class Replayer:
             first = False
 
     def _run_without_conversion(self) -> None:
-        """Negative control (``MOETION_NEGATIVE_CONTROL=skip_conversion``): resume every
+        """Negative control (``--moetion-negative-control skip_conversion``): resume every
         operator from its own slot as MoC-System resumes partial expert checkpoints, without
         sparse-to-dense conversion, so operators captured early in the window are stale."""
         self.load_anchor()

@@ -1,4 +1,15 @@
-"""The per-rank MoEtion session behind ``megatron_hooks``: it wires the runtime to Megatron.
+"""The per-rank MoEtion session: its components, wired to Megatron's training loop.
+
+A session owns four components, each with its own state, taking what it needs explicitly and
+following the job from one generation to the next with ``release()`` / ``rebind(...)``:
+
+* ``RankContext`` (per generation): process groups, topology, transport;
+* ``SnapshotPipeline``: schedule, windows, copies, buddy replication, persistence;
+* ``UpstreamLog``: the logs of what the rank sent and read, and replay routing;
+* ``RecoveryCoordinator``: the localized recovery, under the ``FailurePolicy``;
+
+plus what points into Megatron's objects (``MegatronObjects``, per generation), the fault
+injector, the failure detector and the metrics writer.
 
 Per iteration ``t`` (see ``megatron_hooks`` for where Megatron calls each method):
 
@@ -13,63 +24,45 @@ Per iteration ``t`` (see ``megatron_hooks`` for where Megatron calls each method
 * ``on_optimizer_step_end(t)``: the iteration's global scalars go to the logs, and its slot
   is captured (ACTIVE operators' full state, FROZEN operators' compute weights);
 * ``on_train_step_end(t)``: counters and metrics.
+
+Across an in-place replacement (``adapter.inprocess``): ``suspend`` on a survivor of the failed
+generation, ``resume`` in the next one; a warm spare's fresh session is built with ``joining``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import socket
 import time
-import zlib
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
-from megatron_moetion.adapter import handover
-from megatron_moetion.adapter import training_state as ts
-from megatron_moetion.adapter.capture import build_captures
-from megatron_moetion.adapter.discovery import discover_operators
-from megatron_moetion.adapter.failure_detection import FailureDetector
+from megatron_moetion.adapter import rng_state
+from megatron_moetion.adapter.failure_detection import FailureDetector, in_place_replacement
+from megatron_moetion.adapter.failure_policy import FailurePolicy, fallbacks_recorded
 from megatron_moetion.adapter.fault_injection import (
     FIRED_LOG,
     FaultInjector,
+    firing_forward_step,
     terminate_self,
-    wipe_rank_state,
 )
-from megatron_moetion.adapter.optimizer_probe import OptimizerProbe
-from megatron_moetion.adapter.replay import negative_control
-from megatron_moetion.adapter.replay_io import (
-    FlowControl,
-    MoEtionP2PCommunicator,
-    RecordingIterator,
-    ReplayIterator,
+from megatron_moetion.adapter.megatron_objects import MegatronObjects
+from megatron_moetion.adapter.optimizer_layout import (
+    ensure_optimizer_state,
+    restore_optimizer_caches,
 )
-from megatron_moetion.adapter.snapshots import SnapshotController
+from megatron_moetion.adapter.rank_context import RankContext
+from megatron_moetion.adapter.rank_state import capture_buffers, restore_buffers
+from megatron_moetion.adapter.recovery import RecoveryCoordinator
+from megatron_moetion.adapter.snapshot_pipeline import SnapshotPipeline
 from megatron_moetion.adapter.support import check_supported
+from megatron_moetion.adapter.upstream import UpstreamLog
 from megatron_moetion.agreement import Agreement, agree
 from megatron_moetion.config import MoEtionConfig
-from megatron_moetion.errors import RecoveryError, UnsupportedConfigurationError
+from megatron_moetion.fault_plan import FaultPlan
 from megatron_moetion.metrics import MetricsWriter
-from megatron_moetion.operators import OpKind
-from megatron_moetion.recovery_plan import Holdings
-from megatron_moetion.replication import Replicator, new_group_for
-from megatron_moetion.snapshot import SnapshotEngine, measure_copy_bandwidth
-from megatron_moetion.storage import PersistWriter, write_window
-from megatron_moetion.testing.faults import FaultPlan
-from megatron_moetion.topology import RankInfo, Topology
-from megatron_moetion.transport import ProcessGroupTransport
-from megatron_moetion.upstream_log import LogStore
-from megatron_moetion.window_manager import HostMemoryCap, WindowManager
 
 logger = logging.getLogger(__name__)
-
-
-def _node_id() -> str:
-    return os.environ.get("MOETION_NODE_ID") or os.environ.get("GROUP_RANK") or socket.gethostname()
 
 
 class MoEtionSession:
@@ -83,33 +76,25 @@ class MoEtionSession:
         args: Megatron's parsed arguments.
         last_checkpoint_iteration: iteration of the checkpoint ``--load`` restored, if any.
         joining: set on a warm spare that replaces a dead rank (``adapter.inprocess``): where
-            the survivors resume (``adapter.handover``).
+            the survivors resume (what ``suspend`` returned on them).
     """
 
     def __init__(self, cfg: MoEtionConfig, model, optimizer, scheduler, args,
                  last_checkpoint_iteration: int | None = None, joining: dict | None = None):
         check_supported(args, cfg)
-        self.cfg, self.args = cfg, args
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device("cuda", torch.cuda.current_device()) \
-            if torch.cuda.is_available() else torch.device("cpu")
-        self._connect()
-        self._bind(model, optimizer, scheduler)
-        self.engine = SnapshotEngine(self.device)
-        self.replicator = Replicator(self.transport, self.topology.buddies(self.rank),
-                                     self.topology.owners(self.rank), self.engine.pool)
-        self.persist = PersistWriter(cfg.persist_dir, self.rank) if cfg.persist_dir else None
-        self.windows = WindowManager(self.engine, self.replicator, self.persist)
-        copy_bandwidth = (cfg.copy_bandwidth_gbps * 1e9 if cfg.copy_bandwidth_gbps
-                          else measure_copy_bandwidth(self.device))
-        self.snapshots = SnapshotController(cfg, self.bindings, optimizer, self.windows,
-                                            copy_bandwidth, self.rank, self._gather)
-        self.logs = LogStore(self.device)
-        self.host_memory = HostMemoryCap(cfg.host_memory_cap_bytes, self.windows,
-                                         self.replicator, self.logs, self.rank)
-        self.flow = FlowControl(self.logs, log_boundary=cfg.upstream_logging)
-        self.flow.device = self.device
+        self.cfg = cfg
+        self.ctx = RankContext.connect(cfg)
+        self.rank, self.world_size = self.ctx.rank, self.ctx.world_size
+        self.objects = MegatronObjects.bind(model, optimizer, scheduler, args)
         self.metrics = MetricsWriter(cfg.metrics_file, self.rank)
+        self.policy = FailurePolicy(self.rank, self.world_size, args, self.metrics,
+                                    last_checkpoint_iteration)
+        self.upstream = UpstreamLog(self.ctx.device, log_boundary=cfg.upstream_logging)
+        self.upstream.rebind(self.ctx)
+        self.pipeline = SnapshotPipeline(cfg, self.ctx, self.objects, self.upstream.store)
+        self.recovery = RecoveryCoordinator(cfg, self.policy, self.pipeline, self.upstream,
+                                            self.fire, self.shutdown)
+        self.recovery.rebind(self.ctx, self.objects)
         # A fault fires once per job: one that fired before a restart (or in the process this
         # one replaces) is not fired again.
         save = getattr(args, "save", None)
@@ -120,74 +105,40 @@ class MoEtionSession:
         if self.faults.skipped and self.rank == 0:
             logger.warning("[moetion] this job was restarted; %d planned fault(s) of rank 0 "
                            "fired before and are not fired again", self.faults.skipped)
-        self.debug_dir = os.environ.get("MOETION_DEBUG_DUMP_DIR", "")  # tests only
         self.agreed = Agreement((), -1, -1, 1)
-        self.last_checkpoint_iteration = last_checkpoint_iteration
-        self.data_partner_ok = True
-        self.lost = False
         self.iteration = 0
         self.first_iteration: int | None = None
         self.recoveries: list[dict] = []
-        self._corrupt_next_round = False
+        self.corrupt_next_round = False  # a corrupt_replica fault waits for the next round
+        self.partners_checked = False
+        self.start_state: dict | None = None  # RNG, router buffers, counters at its start
+        self.resume_at: int | None = None  # survivors of a replaced rank: iteration resumed
+        self.stepped = -1  # the last iteration whose optimizer step ran on this rank
+        self.kept_state: dict | None = None  # a survivor between two generations
         self._num_microbatches = None
-        self._start_state = None
-        self._resume_at: int | None = None  # survivors of a replaced rank: iteration resumed
-        self.recovery_role: str | None = None  # "replaying" or "paused" while recovering
-        self._stepped = -1  # the last iteration whose optimizer step ran on this rank
         self._iter: dict = {}
         self._stall = 0.0
+        self._closed = False
         if joining is not None:
-            handover.join(self, joining)
-        self.detector = FailureDetector(self)
-        self.detector.start()
+            self._join(joining)
+        self.detector = self._start_detector()
         if joining is None:
             self._report_restart()
             self._restore_checkpoint_rng()
         if self.rank == 0:
             logger.warning("[moetion] on: %d operators on rank 0, %d buddies per rank, copy "
-                           "bandwidth %.2f GB/s", len(self.bindings), self.topology.num_buddies,
-                           copy_bandwidth / 1e9)
+                           "bandwidth %.2f GB/s", len(self.objects.bindings),
+                           self.ctx.topology.num_buddies, self.pipeline.copy_bandwidth / 1e9)
 
-    def _connect(self) -> None:
-        """MoEtion's groups and topology: the same collectives, in the same order, on every
-        rank, whether it builds its session or a survivor rebinds its own (``rebind``)."""
-        from megatron.core import parallel_state as mpu
-        from megatron.core.pipeline_parallel.schedules import _build_default_pg_collection
+    def _start_detector(self) -> FailureDetector:
+        detector = FailureDetector(self.cfg, self.rank, self.world_size, self.policy,
+                                   lambda: self.iteration, replace_in_place=in_place_replacement())
+        detector.start()
+        return detector
 
-        timeout = timedelta(seconds=self.cfg.timeout_s)
-        self.control_group = dist.new_group(backend="gloo", timeout=timeout)
-        # gloo on GPU too: windows and logs live in host memory, and the replication thread
-        # must never issue NCCL work concurrently with training's (docs/design.md)
-        self.replication_group = new_group_for(timeout_s=self.cfg.timeout_s)
-        self.pp_group = mpu.get_pipeline_model_parallel_group()
-        self.pg_collection = _build_default_pg_collection()
-        info = RankInfo(self.rank, mpu.get_pipeline_model_parallel_rank(), 0,
-                        tuple(dist.get_process_group_ranks(self.pp_group)))
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, (info, _node_id()), group=self.control_group)
-        nodes = sorted({n for _, n in gathered}, key=str)
-        self.topology = Topology([RankInfo(i.rank, i.stage, nodes.index(n), i.pipeline)
-                                  for i, n in gathered], self.cfg.replication_factor)
-        if self.topology.capped and self.rank == 0:
-            logger.warning("[moetion] --moetion-replication-factor %d capped to %d buddies "
-                           "(%d ranks on %d nodes)", self.cfg.replication_factor,
-                           self.topology.num_buddies, self.world_size, len(nodes))
-        self.transport = ProcessGroupTransport(self.replication_group,
-                                               self.cfg.replication_chunk_bytes)
-
-    def _bind(self, model, optimizer, scheduler) -> None:
-        """What points into Megatron's model and optimizer objects."""
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.bindings = discover_operators(model)
-        self.router_buffers = [buf for b in self.bindings if b.kind is OpKind.ROUTER
-                               for buf in b.buffers]
-        self.probe = OptimizerProbe(optimizer)
-        self.p2p = None  # built on first use (needs the model config)
-
-    def _gather(self, obj) -> list:
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.control_group)
-        return out
+    @property
+    def last_checkpoint_iteration(self) -> int | None:
+        return self.policy.last_checkpoint_iteration
 
     # ------------------------------------------------------------------ faults
     def fire(self, phase: str, **kwargs) -> None:
@@ -199,16 +150,22 @@ class MoEtionSession:
         if fault.kind == "lose_state":
             self.lose_state()
         elif fault.kind == "corrupt_replica":
-            self._corrupt_next_round = True
+            self.corrupt_next_round = True
         elif fault.kind in ("kill", "hang"):
             terminate_self(fault.kind)
+
+    def lose_state(self) -> None:
+        """Carry out a ``lose_state`` fault: this rank forgets everything it held."""
+        self.pipeline.lose()
+        self.upstream.store.wipe()
+        self.objects.state.wipe(
+            [buf for b in self.objects.bindings for buf in b.buffers])
+        self.recovery.mark_lost()
 
     def _report_restart(self) -> None:
         """On a job restarted from its checkpoint after a failure: report the rollback (the
         last fallback MoEtion recorded, and the planned faults that fired before)."""
-        from megatron_moetion.adapter.recovery import fallbacks_recorded
-
-        history = fallbacks_recorded(getattr(self.args, "load", None))
+        history = fallbacks_recorded(getattr(self.objects.args, "load", None))
         fired = self.faults.fired_before
         if (history or fired) and self.last_checkpoint_iteration is not None:
             self.metrics.write({"rank": self.rank, "kind": "restart",
@@ -217,77 +174,32 @@ class MoEtionSession:
                                 "last_fallback": history[-1] if history else None,
                                 "faults_fired_before": fired})
 
-    def lose_state(self) -> None:
-        """Carry out a ``lose_state`` fault: this rank forgets everything it held."""
-        self.replicator.quiesce(self.cfg.timeout_s)  # no buffer is in flight while dropped
-        self.windows.drop_all()
-        self.replicator.wipe()
-        self.logs.wipe()
-        self.snapshots.forget()
-        wipe_rank_state(self.model, self.optimizer, self.scheduler, self.bindings)
-        self.lost = True
-
-    def _wrap_forward_step(self, forward_step_func):
-        """Fire ``fwd`` faults before the first forward micro-batch and ``bwd`` faults when the
-        first backward micro-batch reaches this rank."""
-        if not any(f.phase in ("fwd", "bwd") and f.iteration == self.iteration
-                   for f in self.faults.pending):
-            return forward_step_func
-        session, state = self, {"first": True}
-
-        def forward_step(*args, **kwargs):
-            first, state["first"] = state["first"], False
-            if first:
-                session.fire("fwd")
-            output, loss_func = forward_step_func(*args, **kwargs)
-            if first and torch.is_tensor(output) and output.requires_grad:
-                output.register_hook(lambda grad: session.fire("bwd"))
-            elif first:
-                session.fire("bwd")
-            return output, loss_func
-
-        return forward_step
-
     # ------------------------------------------------------------------ the schedule
-    def _communicator(self, kwargs) -> None:
-        if kwargs.get("p2p_communicator") is None and kwargs.get("pg_collection") is None:
-            if self.p2p is None:
-                from megatron.core.utils import get_model_config
-
-                self.p2p = MoEtionP2PCommunicator(self.pp_group, get_model_config(self.model[0]),
-                                                  self.flow)
-            kwargs["p2p_communicator"], kwargs["pg_collection"] = self.p2p, self.pg_collection
-        elif not isinstance(kwargs.get("p2p_communicator"), MoEtionP2PCommunicator):
-            raise UnsupportedConfigurationError(
-                "--moetion needs Megatron's default pipeline communicator; pretrain() was given "
-                "a custom p2p_communicator/pg_collection")
-
     def wrap_forward_backward_func(self, forward_backward_func):
         session = self
 
         def moetion_forward_backward(**kwargs):
             if kwargs.get("forward_only", False):
                 return forward_backward_func(**kwargs)
-            session._communicator(kwargs)
+            session.upstream.install_communicator(kwargs, session.objects.model)
             session._num_microbatches = kwargs["num_microbatches"]
             template = dict(kwargs)
             rerun = False
             while True:
                 call = dict(template)
-                call["forward_step_func"] = session._wrap_forward_step(
-                    template["forward_step_func"])
-                session.flow.begin(session.iteration)
+                call["forward_step_func"] = firing_forward_step(
+                    template["forward_step_func"], session.faults, session.iteration,
+                    session.fire)
+                session.upstream.begin(session.iteration)
                 if rerun:
-                    call["data_iterator"] = ReplayIterator(
-                        session.logs.data_for(session.iteration), session.iteration)
+                    call["data_iterator"] = session.upstream.replay_iterator(session.iteration)
                 elif template.get("data_iterator") is not None:
-                    call["data_iterator"] = RecordingIterator(template["data_iterator"],
-                                                              session.flow)
-                session.probe.begin_iteration()
+                    call["data_iterator"] = session.upstream.recording(template["data_iterator"])
+                session.objects.probe.begin_iteration()
                 start = time.perf_counter()
                 out = forward_backward_func(**call)
                 if not rerun:
-                    session.snapshots.fwd_bwd_times.append(time.perf_counter() - start)
+                    session.pipeline.note_fwd_bwd(time.perf_counter() - start)
                 session.fire("step")
                 if not session._agree_and_recover(template, forward_backward_func):
                     return out
@@ -298,97 +210,20 @@ class MoEtionSession:
     def _agree_and_recover(self, template, forward_backward_func) -> bool:
         """The per-iteration agreement; on failures run the recovery, return True to re-run."""
         t0 = time.perf_counter()
-        finished, acked = self.replicator.status()
-        self.agreed = agree(self.control_group, self.world_size, self.rank, lost=self.lost,
-                            finished_round=finished, acked_window=acked,
-                            window_proposal=self.snapshots.proposal())
+        finished, acked = self.pipeline.status()
+        self.agreed = agree(self.ctx.control_group, self.world_size, self.rank,
+                            lost=self.recovery.lost, finished_round=finished,
+                            acked_window=acked, window_proposal=self.pipeline.proposal())
         self._stall += time.perf_counter() - t0
         if not self.agreed.failed:
-            self._stall += self.engine.wait_for_copies()
+            self._stall += self.pipeline.wait_for_copies()
             return False
-        from megatron_moetion.adapter.recovery import recover
-
-        report = recover(self, self.agreed.failed, self.iteration, template,
-                         forward_backward_func)
+        report = self.recovery.recover(self.agreed.failed, self.iteration, self.start_state,
+                                       self.agreed, template, forward_backward_func)
         self.recoveries.append(report)
-        self.emit_recovery(report)
-        for chunk in self.model:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        self.policy.emit(report)
+        self.objects.zero_grads()
         return True
-
-    # ------------------------------------------------------------------ recovery support
-    def holdings(self) -> Holdings:
-        windows = {}
-        for w in (self.windows.persisted, self.windows.shipped):
-            if w is not None and w.buffer is not None and w.complete:
-                windows[w.window_id] = (w.start_iteration, w.window)
-        replicas = {}
-        for owner, ids in self.replicator.held().items():
-            replicas[owner] = {}
-            for wid in ids:
-                rep = self.replicator.replica(owner, wid)
-                replicas[owner][wid] = (rep.start_iteration, rep.window)
-        logs = {k: self.logs.coverage(k) for k in ("fwd", "bwd", "data", "record")}
-        return Holdings(self.rank, self.lost, windows, replicas, logs, self.data_partner_ok)
-
-    def begin_recovery(self, fault_iteration: int, i_am_failed: bool) -> None:
-        self.replicator.quiesce(self.cfg.timeout_s)
-        if i_am_failed:  # what it logged of the aborted attempt after losing state is partial
-            self.logs.drop_iteration(fault_iteration, ("data",))
-        self.lost = False
-
-    def fresh_captures(self):
-        return build_captures(self.bindings, self.optimizer)
-
-    @contextlib.contextmanager
-    def ddp_without_overlap(self):
-        """Frozen parameters never report their gradients ready, so during replay the
-        gradient reduction runs synchronously at the end (same buckets, same collectives)."""
-        configs = [c.ddp_config for c in self.model if hasattr(c, "ddp_config")]
-        saved = [c.overlap_grad_reduce for c in configs]
-        for c in configs:
-            c.overlap_grad_reduce = False
-        try:
-            yield
-        finally:
-            for c, value in zip(configs, saved):
-                c.overlap_grad_reduce = value
-
-    def finish_recovery(self, plan, fingerprint) -> None:
-        """After the replay: check the survivors, reset the paused ranks, fresh windows."""
-        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-        from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
-
-
-        start = self._start_state
-        control = negative_control()
-        check = "skip_conversion" not in control or "keep_checks" in control
-        if self.rank in plan.replaying and self.rank not in plan.failed and check:
-            problems = []
-            if fingerprint != ts.state_fingerprint(self.model, self.optimizer):
-                problems.append("parameters or optimizer state")
-            if not ts.rng_equal(ts.capture_rng(), start["rng"]):
-                problems.append("RNG streams")
-            now = ts.capture_buffers(self.router_buffers)
-            if any(not torch.equal(now[k], v) for k, v in start["buffers"].items()):
-                problems.append("router buffers")
-            if problems:
-                raise RecoveryError(f"replay diverged on surviving rank {self.rank}: its "
-                                    f"{', '.join(problems)} differ from before the failure")
-        elif self.rank not in plan.replaying:
-            ts.restore_rng(start["rng"])
-            ts.restore_buffers(self.router_buffers, start["buffers"])
-        self.logs.drop_iteration(self.iteration)  # sends of the aborted attempt
-        get_moe_metrics_tracker().clear()  # what the replay and the aborted attempt tracked
-        MTPLossLoggingHelper.clean_metrics_in_tracker()
-        self.windows.discard_current()
-        self.snapshots.open_window(self.iteration, self.agreed)
-
-    def emit_recovery(self, report: dict) -> None:
-        self.metrics.write({"rank": self.rank, **report})
-        if self.rank == 0:
-            logger.warning("[moetion] recovery: %s", json.dumps(report, default=str))
 
     # ------------------------------------------------------------------ per-iteration hooks
     def on_train_step_start(self, iteration: int) -> None:
@@ -397,107 +232,72 @@ class MoEtionSession:
         self._iter = {"iteration": iteration}
         if self.first_iteration is None:
             self.first_iteration = iteration
-            self.snapshots.next_window_start = iteration + 1  # the first window needs an
-            # agreement (world-wide window size) and the optimizer state of a first step
+            self.pipeline.start(iteration)
         self.detector.progress(iteration, "train")
-        if self._resume_at == iteration:  # resumed in place: this start ran in the last generation
-            self._resume_at = None
+        if self.resume_at == iteration:  # resumed in place: this start ran in the last generation
+            self.resume_at = None
             self._stall += time.perf_counter() - t0
             return
         fail_after = []
-        if self.snapshots.closes_now(iteration):  # a replication round starts now
+        if self.pipeline.closes_now(iteration):  # a replication round starts now
             for fault in self.faults.due("replication", iteration, at_or_after=True):
                 if fault.kind == "corrupt_replica":
-                    self._corrupt_next_round = True
+                    self.corrupt_next_round = True
                 else:
                     fail_after.append(fault)
-        corrupt, self._corrupt_next_round = self._corrupt_next_round, False
-        out = self.snapshots.boundary(iteration, self.agreed, corrupt)
+        corrupt, self.corrupt_next_round = self.corrupt_next_round, False
+        out = self.pipeline.boundary(iteration, self.agreed, corrupt)
         for fault in fail_after:
             self._carry_out(fault)  # while the round runs: its copies may or may not arrive
         if "persisted_start" in out:
-            self.logs.truncate(out.pop("persisted_start"))
+            self.upstream.store.truncate(out.pop("persisted_start"))
         self._iter.update(out)
-        self._start_state = {"rng": ts.capture_rng(),
-                             "buffers": ts.capture_buffers(self.router_buffers),
-                             "sched_steps": getattr(self.scheduler, "num_steps", 0),
-                             "consumed": int(self.args.consumed_train_samples),
-                             "flops": getattr(self.args, "num_floating_point_operations_so_far",
-                                              0)}
+        args = self.objects.args
+        self.start_state = {
+            "rng": rng_state.capture_rng(),
+            "buffers": capture_buffers(self.objects.router_buffers),
+            "sched_steps": getattr(self.objects.scheduler, "num_steps", 0),
+            "consumed": int(args.consumed_train_samples),
+            "flops": getattr(args, "num_floating_point_operations_so_far", 0)}
         self._stall += time.perf_counter() - t0
 
     def on_optimizer_step_end(self, iteration: int, update_successful: bool, grad_norm) -> None:
         t0 = time.perf_counter()
-        self._stepped = iteration
-        steps = getattr(self.scheduler, "num_steps", 0)
-        record = {"grad_norm": self.probe.last.get("grad_norm"),
-                  "found_inf": dict(self.probe.last.get("found_inf", {})),
-                  "num_zeros": self.probe.last.get("num_zeros"),
+        self.stepped = iteration
+        probe = self.objects.probe.last
+        steps = getattr(self.objects.scheduler, "num_steps", 0)
+        record = {"grad_norm": probe.get("grad_norm"),
+                  "found_inf": dict(probe.get("found_inf", {})),
+                  "num_zeros": probe.get("num_zeros"),
                   "update_successful": update_successful,
                   "num_microbatches": self._num_microbatches,
-                  "increment": steps - self._start_state["sched_steps"]}
-        self.logs.log_record(iteration, record)
-        meta = {"iteration": iteration, "record": record,
-                "scheduler": ts.scheduler_state(self.scheduler),
-                "param_groups": ts.param_group_state(self.optimizer),
-                "grad_scalers": ts.grad_scaler_states(self.optimizer),
-                "loss_scale": ts.loss_scale(self.optimizer)}
+                  "increment": steps - self.start_state["sched_steps"]}
+        self.upstream.store.log_record(iteration, record)
+        meta = {"iteration": iteration, "record": record, **self.objects.state.step_state()}
         self._iter.update(update_successful=update_successful,
                           grad_norm=None if grad_norm is None else float(grad_norm))
-        self._iter.update(self.snapshots.capture(iteration, meta))
-        if self.debug_dir and self.windows.current is not None:
+        self._iter.update(self.pipeline.capture(iteration, meta))
+        if self.cfg.debug_dump_dir and self.pipeline.windows.current is not None:
             self._debug_dump_live(iteration)
         self._stall += time.perf_counter() - t0
 
     def on_train_step_end(self, iteration: int, loss_dict, grad_norm, skipped_iter) -> None:
         t0 = time.perf_counter()
-        self.snapshots.note_end_of_iteration(iteration, int(self.args.consumed_train_samples))
-        if iteration == self.first_iteration and not getattr(self, "_partners_checked", False):
-            self._partners_checked = True
-            self._check_data_partners(iteration)
+        self.pipeline.end_of_iteration(iteration, int(self.objects.args.consumed_train_samples))
+        if iteration == self.first_iteration and not self.partners_checked:
+            self.partners_checked = True
+            self.recovery.check_data_partners(iteration)
         self._stall += time.perf_counter() - t0
         self.fire("snapshot")  # the snapshot of this iteration is lost with the rank
         self._emit_metrics(iteration)
 
-    def _check_data_partners(self, iteration: int) -> None:
-        """First and last stage of a pipeline must read the same micro-batches: a failed one
-        gets its data from the other. Checked once, on the first iteration's digests."""
-        digest = zlib.crc32(b"".join(
-            t.numpy().tobytes() for item in self.logs.data_for(iteration)
-            for _, t in sorted(item.items()) if torch.is_tensor(t))) if \
-            self.logs.data_for(iteration) else None
-        digests = [None] * self.world_size
-        dist.all_gather_object(digests, digest, group=self.control_group)
-        partner = self.topology.data_partner(self.rank)
-        self.data_partner_ok = partner is not None and digests[partner] == digest
-        if partner is not None and not self.data_partner_ok:
-            logger.warning("[moetion] rank %d and its pipeline partner %d read different "
-                           "micro-batches; a failure of either falls back to the persistent "
-                           "checkpoint", self.rank, partner)
-
     def _emit_metrics(self, iteration: int) -> None:
-        rounds = self.replicator.history
+        logs = self.upstream.store
         record = dict(self._iter)
-        record.update(
-            rank=self.rank, stall_ms=self._stall * 1e3,
-            fwd_bwd_ms=(self.snapshots.fwd_bwd_times[-1] * 1e3
-                        if self.snapshots.fwd_bwd_times else None),
-            window_size=self.snapshots.schedule.window if self.snapshots.schedule else None,
-            dense_bytes=self.snapshots.dense_bytes(),
-            host_bytes_held=self.windows.held_bytes() + self.replicator.held_bytes(),
-            log_bytes=self.logs.nbytes(),
-            host_memory_cap_bytes=self.host_memory.limit(),
-            logs_dropped_iterations=self.logs.dropped_iterations,
-            replication_bytes=self.transport.bytes_sent,
-            replication_rounds=len(rounds),
-            replication_failures=self.replicator.failures,
-            corrupt_copies_detected=self.replicator.corrupt_detected,
-            host_allocations=self.engine.pool.allocations,
-            replication_last_s=rounds[-1].seconds if rounds else None,
-            windows_skipped=self.windows.skipped,
-            persisted_window=(self.windows.persisted.window_id
-                              if self.windows.persisted is not None else None),
-        )
+        record.update(self.pipeline.metrics())
+        record.update(rank=self.rank, stall_ms=self._stall * 1e3, log_bytes=logs.nbytes(),
+                      logs_dropped_iterations=logs.dropped_iterations,
+                      replication_bytes=self.ctx.transport.bytes_sent)
         self.metrics.write(record)
         from megatron.training.global_vars import get_tensorboard_writer
 
@@ -509,41 +309,90 @@ class MoEtionSession:
 
     def on_checkpoint_save(self, iteration: int, non_persistent: bool) -> None:
         if not non_persistent:
-            self.last_checkpoint_iteration = iteration
-            if getattr(self.args, "save", None):
-                ts.save_checkpoint_rng(self.args.save, iteration, self.rank)
+            self.policy.checkpoint_saved(iteration)
+            if getattr(self.objects.args, "save", None):
+                rng_state.save_checkpoint_rng(self.objects.args.save, iteration, self.rank)
 
     def _restore_checkpoint_rng(self) -> None:
         """After ``--load`` resumed a checkpoint (the session is built once the data iterators
-        exist): this rank's own RNG streams of that checkpoint
-        (``training_state.save_checkpoint_rng``)."""
-        load = getattr(self.args, "load", None)
+        exist): this rank's own RNG streams of that checkpoint (``rng_state``)."""
+        load = getattr(self.objects.args, "load", None)
         if self.last_checkpoint_iteration is not None and load:
-            ts.restore_checkpoint_rng(load, self.last_checkpoint_iteration, self.rank)
+            rng_state.restore_checkpoint_rng(load, self.last_checkpoint_iteration, self.rank)
+
+    # ------------------------------------------------------------------ generations
+    def _join(self, resume: dict) -> None:
+        """A warm spare taking a dead rank's place: it holds no window, replica or log, and
+        its optimizer has no state yet (a restore writes into it)."""
+        ensure_optimizer_state(self.objects.optimizer)
+        restore_optimizer_caches(self.objects.optimizer, resume.get("optimizer_caches", []))
+        self.recovery.mark_lost()
+        self.first_iteration = int(resume["iteration"])
+        self.pipeline.continue_numbering(resume["next_window_id"], resume["last_round"],
+                                         self.first_iteration)
+        self.partners_checked = True  # the survivors checked data partners at the start
+
+    def suspend(self) -> dict:
+        """A survivor of a failed generation: stop what runs in the background, keep this
+        rank's training state as plain tensors (windows, replicas and logs stay in memory),
+        drop every reference to the generation's Megatron objects and process groups (a
+        group's sockets close only once nothing refers to it, and peers blocked on this rank
+        are released by that), and say where this rank stands."""
+        self.detector.abandon()
+        self.pipeline.stop_for_handover()
+        self.kept_state = self.objects.state.state_dict()
+        if "stale_survivors" in self.cfg.negative_controls:  # survivors lose optimizer state
+            self.kept_state["main"] = [(n, a, b, m, {}) for n, a, b, m, _ in
+                                       self.kept_state["main"]]
+        caches = self.kept_state["caches"]
+        self.objects.release()
+        self.pipeline.release()
+        self.upstream.release()
+        self.recovery.release()
+        self.objects = self.ctx = None
+        if self.stepped >= self.iteration:  # stopped after this iteration's optimizer step
+            return {"iteration": self.iteration + 1, "after_step": True}
+        self.resume_at = self.iteration
+        self.upstream.drop_aborted(self.iteration)  # the aborted attempt's logs are partial
+        return {"iteration": self.iteration,
+                # the job's window and round numbering, which a spare continues
+                **self.pipeline.numbering(),
+                "optimizer_caches": caches,
+                "consumed_train_samples": self.start_state["consumed"],
+                "flops": self.start_state["flops"],
+                "last_checkpoint_iteration": self.last_checkpoint_iteration}
+
+    def resume(self, model, optimizer, scheduler, args) -> None:
+        """Next generation, on a survivor: move the kept state into the objects Megatron just
+        built on the new process groups (nothing is read from disk or replayed), and rebind
+        every component to them."""
+        self.ctx = RankContext.connect(self.cfg)
+        self.objects = MegatronObjects.bind(model, optimizer, scheduler, args)
+        self.objects.state.load_state_dict(self.kept_state)
+        self.kept_state = None
+        self.policy.rebind(args)
+        self.upstream.rebind(self.ctx)
+        self.pipeline.rebind(self.ctx, self.objects)
+        self.recovery.rebind(self.ctx, self.objects)
+        rng_state.restore_rng(self.start_state["rng"])
+        restore_buffers(self.objects.router_buffers, self.start_state["buffers"])
+        self.detector = self._start_detector()
 
     def shutdown(self) -> None:
-        if getattr(self, "_closed", False):
+        if self._closed:
             return
         self._closed = True
         self.detector.stop()  # a finished rank is not a dead one
-        self.snapshots.close()
-        self.replicator.close(self.cfg.timeout_s)
-        if self.persist is not None:
-            self.persist.close(self.cfg.timeout_s)
-        if self.debug_dir:
-            for owner, ids in self.replicator.held().items():
-                for wid in ids:
-                    write_window(f"{self.debug_dir}/replicas/held_by{self.rank}", owner,
-                                 self.replicator.replica(owner, wid))
-        self.probe.uninstall()
+        self.pipeline.close()
+        if self.cfg.debug_dump_dir:
+            self.pipeline.dump_replicas(self.cfg.debug_dump_dir)
+        if self.objects is not None:
+            self.objects.release()
         self.metrics.close()
 
     def _debug_dump_live(self, iteration: int) -> None:
         """Tests only: the live state after this iteration's optimizer step, by name."""
-        from megatron_moetion.adapter.optimizer_state import collect_rank_state
-
-        state = {k: v.detach().clone() for k, v in
-                 collect_rank_state(self.model, self.optimizer).items()}
-        path = f"{self.debug_dir}/live/rank{self.rank}.iter{iteration}.pt"
+        state = {k: v.detach().clone() for k, v in self.objects.state.named_tensors().items()}
+        path = f"{self.cfg.debug_dump_dir}/live/rank{self.rank}.iter{iteration}.pt"
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(state, path)

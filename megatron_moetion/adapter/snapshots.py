@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import statistics
 from collections import deque
 
 import torch
 
-from megatron_moetion.adapter import training_state as ts
+from megatron_moetion.adapter import rng_state
 from megatron_moetion.adapter.capture import build_captures
 from megatron_moetion.agreement import Agreement
 from megatron_moetion.operators import OpKind, order_operators
@@ -154,7 +153,7 @@ class SnapshotController:
         by_name = {c.name: c for c in self.captures}
         # Benchmark baseline only: MoC-System-style partial checkpoints capture each slot's
         # operators in full and nothing else (no frozen compute weights: no exact recovery).
-        partial_only = os.environ.get("MOETION_BENCH_BASELINE") == "moc"
+        partial_only = self.cfg.bench_baseline == "moc"
         self.slot_items = []
         for k in range(window):
             items = [i for name in self.schedule.active(k) for i, _ in by_name[name].active]
@@ -193,7 +192,7 @@ class SnapshotController:
         if window is not None and (iteration - window.start_iteration) in window.slot_meta:
             meta = window.slot_meta[iteration - window.start_iteration]
             meta["consumed_samples"] = consumed_samples
-            meta["rng_after"] = ts.capture_rng()
+            meta["rng_after"] = rng_state.capture_rng()
 
     def closes_now(self, iteration: int) -> bool:
         """Whether a window ends with the previous iteration (a replication round starts)."""
@@ -207,8 +206,8 @@ class SnapshotController:
             current = self.windows.current
             if current is not None and current.complete:
                 last = current.window - 1
-                rng_now = ts.capture_rng()
-                if not ts.rng_equal(rng_now, current.slot_meta[last]["rng_after"]):
+                rng_now = rng_state.capture_rng()
+                if not rng_state.rng_equal(rng_now, current.slot_meta[last]["rng_after"]):
                     current.slot_meta[last]["rng_after"] = rng_now  # consumed between iterations
             out["window_closed"] = self.windows.close_current(agreed, corrupt)
         promoted = self.windows.advance(agreed)

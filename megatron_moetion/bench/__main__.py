@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_moetion.bench.ettr import young_daly_interval
+from megatron_moetion.bench.ettr_paper import ettr_table
 from megatron_moetion.bench.plots import (
     plot_ettr_vs_mtbf,
     plot_recovery_phases,
@@ -24,8 +26,6 @@ from megatron_moetion.bench.plots import (
 )
 from megatron_moetion.bench.runs import RunStats, bench_config, run_scheme
 from megatron_moetion.demo.runner import REPO_ROOT
-from megatron_moetion.ettr import young_daly_interval
-from megatron_moetion.ettr_paper import ettr_table
 from megatron_moetion.oracle import compare_dumps
 
 SCHEMES = ("none", "moetion", "dense", "moc")
@@ -150,11 +150,11 @@ def run_recoveries(base, args, out: Path, runs, interval: int) -> dict:
     f = base.train_iters - 3
     plan = f"rank=1,iter={f},phase=bwd,kind=lose_state"
     results = {}
-    cases = [("moetion", "moetion", {}), ("gemini", "dense", {}),
-             ("moc", "moc", {"MOETION_NEGATIVE_CONTROL": "skip_conversion"})]
-    for key, scheme, env in cases[:1] if args.tiny else cases:
-        stats = run_scheme(base, scheme, out / f"fault_{key}", window=args.window,
-                           fault_plan=plan, env=env)
+    cases = [("moetion", "moetion", ()), ("gemini", "dense", ()),
+             ("moc", "moc", ("--moetion-negative-control", "skip_conversion"))]
+    for key, scheme, flags in cases[:1] if args.tiny else cases:
+        stats = run_scheme(base.with_flags(*flags), scheme, out / f"fault_{key}",
+                           window=args.window, fault_plan=plan)
         twin = out / (f"{'moetion' if scheme == 'moc' else scheme}0")
         verdict = compare_dumps(twin / "oracle", out / f"fault_{key}" / "oracle")
         rec = stats.recoveries[0] if stats.recoveries else {}

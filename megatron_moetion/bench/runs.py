@@ -86,8 +86,9 @@ def scheme_config(base: RunConfig, scheme: str, window: int, checkfreq_interval:
     if scheme == "checkfreq":
         return base.replace(save_interval=checkfreq_interval), {}
     cfg = base.replace(moetion=True, window=1 if scheme == "dense" else window)
-    env = {"MOETION_BENCH_BASELINE": "moc"} if scheme == "moc" else {}
-    return cfg, env
+    if scheme == "moc":
+        cfg = cfg.replace(extra_flags=(*cfg.extra_flags, "--moetion-bench-baseline", "moc"))
+    return cfg, {}
 
 
 def run_scheme(base: RunConfig, scheme: str, out: Path, *, window: int,

@@ -16,12 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_moetion.bench.reporting import snapshot_summary
 from megatron_moetion.config import ENV_FAULT_PLAN
 from megatron_moetion.demo.runner import REPO_ROOT, RunConfig, run_pretrain
+from megatron_moetion.fault_plan import FaultPlan
 from megatron_moetion.metrics import read_metrics
 from megatron_moetion.oracle import compare_dumps, load_dump, losses_by_iteration
-from megatron_moetion.reporting import snapshot_summary
-from megatron_moetion.testing.faults import FaultPlan
 
 DEFAULT_FAULT = "rank=1,iter=9,phase=bwd,kind=lose_state"
 

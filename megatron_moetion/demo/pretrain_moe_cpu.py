@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from megatron_moetion.adapter import cpu_support  # noqa: E402
+from megatron_moetion.testing import cpu_support  # noqa: E402
 
 cpu_support.install()
 

@@ -63,6 +63,10 @@ class RunConfig:
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
+    def with_flags(self, *flags) -> RunConfig:
+        """This run with more command-line flags (``--moetion-negative-control x``, ...)."""
+        return self.replace(extra_flags=(*self.extra_flags, *(str(f) for f in flags)))
+
 
 def megatron_flags(cfg: RunConfig, out_dir: Path) -> list[str]:
     """Megatron command-line flags for ``cfg``; outputs go under ``out_dir``."""

@@ -1,6 +1,6 @@
 """Check persisted windows against the live state dumped at each iteration (tests only).
 
-A run with ``--moetion-persist-dir P`` and ``MOETION_DEBUG_DUMP_DIR=D`` leaves every persisted
+A run with ``--moetion-persist-dir P`` and ``--moetion-debug-dump-dir D`` leaves every persisted
 window in ``P``, the live state after every optimizer step in ``D/live`` and, at shutdown, every
 replica a rank holds in ``D/replicas/held_by{B}``. ``check_run`` verifies that:
 

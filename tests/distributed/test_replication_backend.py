@@ -1,5 +1,5 @@
-"""MoEtion's replication group is gloo whatever the training device: the session builds it so
-on a CUDA rank too, and its transport moves host buffers with no device staging (the
+"""MoEtion's replication group is gloo whatever the training device: the rank's context builds
+it so on a CUDA rank too, and its transport moves host buffers with no device staging (the
 replication thread never issues NCCL work next to training's)."""
 
 import pytest
@@ -11,18 +11,15 @@ pytestmark = pytest.mark.distributed
 
 
 def _connect_on_a_cuda_rank(rank, world):
-    import os
-    import types
-
     import torch.distributed as dist
 
-    from megatron_moetion.adapter import cpu_support
+    from megatron_moetion.testing import cpu_support
 
     cpu_support.install(training=False)
     from megatron.core import parallel_state as mpu
     from megatron.core.pipeline_parallel import schedules
 
-    from megatron_moetion.adapter.session import MoEtionSession
+    from megatron_moetion.adapter.rank_context import RankContext
     from megatron_moetion.config import MoEtionConfig
     from megatron_moetion.transport import Parcel
 
@@ -30,7 +27,6 @@ def _connect_on_a_cuda_rank(rank, world):
     mpu.get_pipeline_model_parallel_group = lambda: dist.group.WORLD
     mpu.get_pipeline_model_parallel_rank = lambda: rank
     schedules._build_default_pg_collection = lambda: None
-    os.environ["MOETION_NODE_ID"] = f"node{rank}"
     requested = []
     new_group = dist.new_group
 
@@ -39,10 +35,8 @@ def _connect_on_a_cuda_rank(rank, world):
         return new_group(*args, **kwargs)
 
     dist.new_group = spy
-    stub = types.SimpleNamespace(cfg=MoEtionConfig(enabled=True, timeout_s=30,
-                                                   replication_factor=1),
-                                 device=torch.device("cuda", 0), rank=rank, world_size=world)
-    MoEtionSession._connect(stub)
+    cfg = MoEtionConfig(enabled=True, timeout_s=30, replication_factor=1, node_id="node{rank}")
+    stub = RankContext.connect(cfg, device=torch.device("cuda", 0))
     dist.new_group = new_group
     # a window-sized parcel round the ring, from host memory to host memory
     data = torch.arange(3000, dtype=torch.uint8) + rank

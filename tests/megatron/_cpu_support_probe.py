@@ -7,7 +7,7 @@ import traceback
 
 import torch
 
-from megatron_moetion.adapter import cpu_support
+from megatron_moetion.testing import cpu_support
 
 results = {}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_moetion.adapter.cpu_support import WORKAROUNDS
+from megatron_moetion.testing.cpu_support import WORKAROUNDS
 
 pytestmark = pytest.mark.megatron
 
@@ -31,7 +31,7 @@ def test_workaround(probe, name):
 
 def test_a_disabled_workaround_is_not_applied():
     code = ("import os; os.environ['MOETION_CPU_DISABLE']='inprocess_ckpt_queue';"
-            "from megatron_moetion.adapter import cpu_support; print(cpu_support.install())")
+            "from megatron_moetion.testing import cpu_support; print(cpu_support.install())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "inprocess_ckpt_queue" not in out.stdout and "device_mode" in out.stdout

@@ -17,7 +17,7 @@ SPECS = {
 
 
 def _discover(rank, world_size, spec_name, ep):
-    from megatron_moetion.adapter import cpu_support
+    from megatron_moetion.testing import cpu_support
 
     cpu_support.install(training=False)
     from megatron.core import parallel_state

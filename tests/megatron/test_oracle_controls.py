@@ -60,8 +60,8 @@ def test_dump_holds_everything_every_rank_holds(run_cache):
 
 
 def test_rng_and_router_buffers_left_unrestored_fail_the_oracle(run_cache, run_ok, tmp_path):
-    out = run_ok(BIAS.replace(fault_plan="rank=1,iter=10,phase=bwd,kind=lose_state"), tmp_path,
-                 env={"MOETION_NEGATIVE_CONTROL": "skip_rng_restore,skip_buffer_restore"})
+    out = run_ok(BIAS.replace(fault_plan="rank=1,iter=10,phase=bwd,kind=lose_state").with_flags(
+        "--moetion-negative-control", "skip_rng_restore,skip_buffer_restore"), tmp_path)
     (rec,) = [r for recs in read_metrics(out / "metrics").values() for r in recs
               if r.get("kind") == "recovery" and r["rank"] == 0]
     assert rec["ranks_replaying"] == [1] and rec["replayed_iterations"] >= 1
@@ -97,8 +97,8 @@ GROUP_STEP = BIAS.replace(optimizer="group-step-adam", num_layers=8)
 ], ids=["group_step_off_by_one", "one_ulp_in_a_frozen_expert"])
 def test_group_step_and_frozen_weight_errors_fail_the_oracle(run_cache, run_ok, tmp_path,
                                                              control, named):
-    out = run_ok(GROUP_STEP.replace(fault_plan="rank=1,iter=10,phase=bwd,kind=lose_state"),
-                 tmp_path, env={"MOETION_NEGATIVE_CONTROL": control})
+    out = run_ok(GROUP_STEP.replace(fault_plan="rank=1,iter=10,phase=bwd,kind=lose_state")
+                 .with_flags("--moetion-negative-control", control), tmp_path)
     result = compare_dumps(run_cache.get(GROUP_STEP) / "oracle", out / "oracle")
     assert not result.identical
     assert any(d.startswith(named) for d in result.differences), result.differences[:5]

@@ -159,15 +159,15 @@ def test_every_copy_gone_without_a_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_negative_control_stale_operators_fail_the_oracle(run_cache, run_ok, tmp_path):
-    out = run_ok(DEMO.replace(fault_plan=lose((1, 9, "bwd"))), tmp_path,
-                 env={"MOETION_NEGATIVE_CONTROL": "skip_conversion"})
+    out = run_ok(DEMO.replace(fault_plan=lose((1, 9, "bwd"))).with_flags(
+        "--moetion-negative-control", "skip_conversion"), tmp_path)
     result = compare_dumps(run_cache.get(DEMO) / "oracle", out / "oracle")
     assert not result.identical
     assert "iteration 9" in result.first_difference
 
 
 def test_survivors_check_catches_a_wrong_replay(tmp_path):
-    result = run_pretrain(DEMO.replace(fault_plan=lose((1, 9, "bwd"))), tmp_path, timeout_s=300,
-                          env={"MOETION_NEGATIVE_CONTROL": "skip_conversion,keep_checks"})
+    result = run_pretrain(DEMO.replace(fault_plan=lose((1, 9, "bwd"))).with_flags(
+        "--moetion-negative-control", "skip_conversion,keep_checks"), tmp_path, timeout_s=300)
     assert result.returncode != 0
     assert "replay diverged on surviving rank 0" in result.log_path.read_text()

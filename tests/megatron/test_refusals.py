@@ -79,7 +79,7 @@ PROBE = r"""
 import json, os, sys, traceback
 import torch
 if not torch.cuda.is_available():
-    from megatron_moetion.adapter import cpu_support
+    from megatron_moetion.testing import cpu_support
     cpu_support.install()
 import megatron.training.arguments as arguments
 results = {"arguments_py": arguments.__file__}

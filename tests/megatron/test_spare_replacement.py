@@ -25,10 +25,11 @@ from megatron_moetion.oracle import compare_dumps
 pytestmark = [pytest.mark.megatron, pytest.mark.distributed, pytest.mark.timeout(400)]
 
 
-def run_replaced(run_cache, run_ok, tmp_path, plan, base=DEMO, spares=1, env=None,
+def run_replaced(run_cache, run_ok, tmp_path, plan, base=DEMO, spares=1, flags=(),
                  detect=DETECT, timeout_s=300):
-    cfg = base.replace(fault_plan=plan, save_interval=4, extra_flags=detect, spares=spares)
-    out = run_ok(cfg, tmp_path, env=env, timeout_s=timeout_s)
+    cfg = base.replace(fault_plan=plan, save_interval=4, extra_flags=detect + tuple(flags),
+                       spares=spares)
+    out = run_ok(cfg, tmp_path, timeout_s=timeout_s)
     assert processes_mentioning(tmp_path) == []
     records = [r for recs in read_metrics(out / "metrics").values() for r in recs]
     assert not [r for r in records if r.get("kind") == "restart"]  # no global rollback
@@ -122,7 +123,7 @@ def test_kill_during_conversion(run_cache, run_ok, tmp_path):
 def test_negative_control_survivors_that_lose_optimizer_state_fail_the_oracle(
         run_cache, run_ok, tmp_path):
     out, _ = run_replaced(run_cache, run_ok, tmp_path, "rank=2,iter=10,phase=fwd,kind=kill",
-                          base=PP4, env={"MOETION_NEGATIVE_CONTROL": "stale_survivors"})
+                          base=PP4, flags=("--moetion-negative-control", "stale_survivors"))
     result = compare_dumps(run_cache.get(PP4) / "oracle", out / "oracle")
     assert not result.identical
 

@@ -25,7 +25,7 @@ def test_snapshots_equal_the_live_state_bit_for_bit(layout, tmp_path, run_ok):
     cfg = LAYOUTS[layout].replace(train_iters=8, moetion=True, window=3,
                                   extra_flags=LAYOUTS[layout].extra_flags + (
                                       "--moetion-persist-dir", str(tmp_path / "persist")))
-    run_ok(cfg, tmp_path, env={"MOETION_DEBUG_DUMP_DIR": str(tmp_path / "debug")})
+    run_ok(cfg.with_flags("--moetion-debug-dump-dir", tmp_path / "debug"), tmp_path)
     report = check_run(tmp_path / "persist", tmp_path / "debug")
     assert report.ok, report.problems[:10]
     assert report.windows == 4 and report.replicas == 8  # each rank's window 0, 2 buddies each

@@ -6,12 +6,8 @@ import types
 import pytest
 import torch
 
-from megatron_moetion.snapshot import (
-    CaptureItem,
-    SideStreamCopies,
-    SnapshotEngine,
-    WindowLayout,
-)
+from megatron_moetion.host_copy import SideStreamCopies
+from megatron_moetion.snapshot import CaptureItem, SnapshotEngine, WindowLayout
 from megatron_moetion.upstream_log import LogStore
 
 

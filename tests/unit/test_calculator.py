@@ -4,7 +4,15 @@ from dataclasses import replace
 
 import pytest
 
-from megatron_moetion.calculator import (
+from megatron_moetion.bench.calculator import (
+    compute,
+    estimate_fwd_bwd_s,
+    format_table,
+    main,
+    stage_layers,
+    stage_operators,
+)
+from megatron_moetion.bench.presets import (
     DEEPSEEK_MOE_16B,
     DEEPSEEK_V3,
     MIXTRAL_8X7B,
@@ -13,12 +21,6 @@ from megatron_moetion.calculator import (
     ModelConfig,
     ParallelLayout,
     Preset,
-    compute,
-    estimate_fwd_bwd_s,
-    format_table,
-    main,
-    stage_layers,
-    stage_operators,
 )
 from megatron_moetion.operators import OpKind
 

@@ -16,6 +16,9 @@ EXPECTED_FLAGS = {
     "--moetion-popularity-window-iters", "--moetion-replication-chunk-mb", "--moetion-timeout-s",
     "--moetion-heartbeat-interval-s", "--moetion-detect-timeout-s",
     "--moetion-host-memory-cap-mb", "--moetion-oracle-interval",
+    # testing and debugging
+    "--moetion-node-id", "--moetion-debug-dump-dir", "--moetion-negative-control",
+    "--moetion-bench-baseline",
 }
 
 
@@ -105,6 +108,21 @@ def test_readme_configuration_table_lists_every_flag():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    table = readme.split("## Configuration", 1)[1].split("\n\n", 2)[1]
-    listed = set(re.findall(r"^\| `(--moetion[a-z0-9-]*)`", table, flags=re.M))
-    assert listed == {config.flag_name(f) for f in dataclasses.fields(config.MoEtionConfig)}
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    tables = [t for t in section.split("\n\n") if t.startswith("| flag")]
+    assert len(tables) == 2, "the flags table and the testing flags table"
+    fields = dataclasses.fields(config.MoEtionConfig)
+    for table, testing in zip(tables, (False, True)):
+        listed = set(re.findall(r"^\| `(--moetion[a-z0-9-]*)`", table, flags=re.M))
+        assert listed == {config.flag_name(f) for f in fields
+                          if bool(f.metadata.get("testing")) == testing}
+
+
+def test_testing_settings_are_flags_not_environment_switches():
+    cfg = parse("--moetion", "--moetion-negative-control", "skip_conversion,keep_checks",
+                "--moetion-node-id", "node{rank}")
+    assert cfg.negative_controls == {"skip_conversion", "keep_checks"}
+    with pytest.raises(ConfigError, match="--moetion-negative-control must be a comma-separated"):
+        config.MoEtionConfig(enabled=True, negative_control="skip_everything")
+    with pytest.raises(ConfigError, match="--moetion-node-id needs --moetion"):
+        config.MoEtionConfig(node_id="x")

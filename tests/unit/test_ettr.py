@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from megatron_moetion.ettr import (
+from megatron_moetion.bench.ettr import (
     CheckFreqScheme,
     GeminiScheme,
     MoCScheme,
@@ -16,7 +16,7 @@ from megatron_moetion.ettr import (
     simulate,
     young_daly_interval,
 )
-from megatron_moetion.ettr_paper import (
+from megatron_moetion.bench.ettr_paper import (
     RUN_S,
     apply_measured,
     ettr_table,

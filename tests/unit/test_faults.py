@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_moetion.errors import FaultPlanError
-from megatron_moetion.testing.faults import Fault, FaultPlan
+from megatron_moetion.fault_plan import Fault, FaultPlan
 
 
 def test_parse_several_faults():

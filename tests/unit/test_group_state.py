@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_moetion.adapter import training_state as ts
-from megatron_moetion.adapter.optimizer_state import ensure_optimizer_state
+from megatron_moetion.adapter import rank_state as ts
+from megatron_moetion.adapter.optimizer_layout import ensure_optimizer_state
 from megatron_moetion.testing.group_step_adam import GroupStepAdam
 
 

@@ -6,12 +6,12 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
+from megatron_moetion.bench.ettr_paper import ettr_table  # noqa: E402
 from megatron_moetion.bench.plots import (  # noqa: E402
     plot_ettr_vs_mtbf,
     plot_recovery_phases,
     plot_stall_per_iteration,
 )
-from megatron_moetion.ettr_paper import ettr_table  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

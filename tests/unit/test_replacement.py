@@ -17,7 +17,7 @@ def survivors_decide(store, world, spares, dead, states):
 
     def one(rank):
         m = Membership(store, rank, world, spares, poll_s=0.001)
-        m.hand_off(0, rank, dead, {"resume": states[rank]})
+        m.hand_off(0, rank, {"resume": states[rank]})
         out[rank] = m.decide(0, rank, dead, timeout_s=5)
 
     for rank in states:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from megatron_moetion.ettr import (
+from megatron_moetion.bench.ettr import (
     CONVERSION_SAVING,
     LOCALIZED_SAVING,
     CheckFreqScheme,

@@ -110,29 +110,6 @@ def named_model_params(model_chunks) -> dict[str, torch.nn.Parameter]:
     return named
 
 
-def collect_rank_state(model_chunks, optimizer) -> dict[str, torch.Tensor]:
-    """Named tensors of this rank's parameters, module buffers (non-persistent ones included:
-    router token counters), main copies and optimizer state (for dumps)."""
-    from megatron.core.utils import unwrap_model
-
-    named = named_model_params(model_chunks)
-    name_of = {id(p): n for n, p in named.items()}
-    tensors = {f"param/{n}": p.detach() for n, p in named.items()}
-    for c, chunk in enumerate(unwrap_model(list(model_chunks))):
-        for name, buf in chunk.named_buffers():
-            tensors[f"buffer/chunk{c}.{name}"] = buf.detach()
-    for ms in main_states(optimizer):
-        base = f"optim{ms.sub_index}/{name_of.get(id(ms.model_param), '?')}[{ms.start}:{ms.end}]"
-        if not ms.shard_is_view:
-            tensors[f"{base}/main"] = ms.main_param.detach()
-        for key, value in sorted(ms.state().items()):
-            if torch.is_tensor(value):
-                tensors[f"{base}/{key}"] = value.detach()
-            else:
-                tensors[f"{base}/{key}"] = torch.tensor(float(value), dtype=torch.float64)
-    return tensors
-
-
 def keeps_step_per_parameter(inner) -> bool:
     """torch's Adam and AdamW count ``step`` per parameter; Transformer Engine's and Apex's
     FusedAdam count it per parameter group (``param_groups[i]["step"]``)."""
@@ -143,7 +120,7 @@ def ensure_optimizer_state(optimizer) -> None:
     """Create the inner optimizers' per-parameter state where it does not exist yet (Adam
     ``exp_avg``, ``exp_avg_sq``, and ``step`` where the optimizer keeps it per parameter; SGD's
     ``momentum_buffer``), so that a restore can write into it before the first step. A
-    group-level ``step`` is restored with the parameter groups (``training_state``)."""
+    group-level ``step`` is restored with the parameter groups (``rank_state``)."""
     for sub in sub_optimizers(optimizer):
         inner = getattr(sub, "optimizer", None)
         if getattr(sub, "is_stub_optimizer", False) or inner is None:
@@ -164,29 +141,6 @@ def ensure_optimizer_state(optimizer) -> None:
                     state.setdefault("step", torch.tensor(0.0))
 
 
-def detach_training_state(model_chunks, optimizer, scheduler) -> dict:
-    """A rank's whole training state as plain tensors and dicts, holding no Megatron object
-    (and so no process group: a survivor must drop every reference to its failed generation's
-    groups for their sockets to close). ``transplant`` writes it into rebuilt objects."""
-    from megatron.core.utils import unwrap_model
-
-    from megatron_moetion.adapter import training_state as ts
-
-    params = named_model_params(model_chunks)
-    name_of = {id(p): n for n, p in params.items()}
-    return {
-        "params": {n: p.data for n, p in params.items()},
-        "buffers": [dict(chunk.named_buffers()) for chunk in unwrap_model(list(model_chunks))],
-        "main": [(name_of[id(ms.model_param)], ms.start, ms.end,
-                  None if ms.shard_is_view else ms.main_param.data, dict(ms.state()))
-                 for ms in main_states(optimizer)],
-        "param_groups": ts.param_group_state(optimizer),
-        "scheduler": ts.scheduler_state(scheduler),
-        "grad_scalers": ts.grad_scaler_states(optimizer),
-        "caches": optimizer_caches(optimizer),
-    }
-
-
 # Megatron caches the results of some collectives on its optimizer objects, computed on first
 # use (``has_grad_norm_group``: one all-reduce over the grad-stats group). They describe the
 # model, not the rank's progress; a rebuilt optimizer must start with them, or its first step
@@ -204,41 +158,3 @@ def restore_optimizer_caches(optimizer, caches: list[dict]) -> None:
     for o, cached in zip([optimizer, *sub_optimizers(optimizer)], caches):
         for name, value in cached.items():
             setattr(o, name, dict(value))
-
-
-@torch.no_grad()
-def transplant(state: dict, model_chunks, optimizer, scheduler) -> None:
-    """Write ``detach_training_state``'s result into Megatron objects built the same way (the
-    same parameters, buffers and optimizer layout), bit for bit: parameters, buffers, main
-    weights, optimizer state, parameter-group settings, LR scheduler, grad scalers."""
-    from megatron.core.utils import unwrap_model
-
-    from megatron_moetion.adapter import training_state as ts
-
-    params = named_model_params(model_chunks)
-    if list(params) != list(state["params"]):
-        raise RuntimeError("transplant: the rebuilt model's parameters differ from the kept "
-                           "model's")
-    for name, p in params.items():
-        p.data.copy_(state["params"][name])
-    for kept, chunk in zip(state["buffers"], unwrap_model(list(model_chunks))):
-        for name, b in chunk.named_buffers():
-            b.copy_(kept[name])
-    ensure_optimizer_state(optimizer)
-    name_of = {id(p): n for n, p in params.items()}
-    new_states = list(main_states(optimizer))
-    if [(n, a, b) for n, a, b, _, _ in state["main"]] != [
-            (name_of[id(ms.model_param)], ms.start, ms.end) for ms in new_states]:
-        raise RuntimeError("transplant: the rebuilt optimizer's layout differs from the kept one")
-    for (_, _, _, main, kept_state), ms in zip(state["main"], new_states):
-        if main is not None and not ms.shard_is_view:
-            ms.main_param.copy_(main)
-        target = ms.optimizer.optimizer.state[ms.main_param]
-        for key, value in kept_state.items():
-            if torch.is_tensor(value) and torch.is_tensor(target.get(key)):
-                target[key].copy_(value)
-            else:
-                target[key] = value.clone() if torch.is_tensor(value) else value
-    ts.restore_scheduler(scheduler, optimizer, state["scheduler"], state["param_groups"])
-    ts.restore_grad_scalers(optimizer, state["grad_scalers"])
-    restore_optimizer_caches(optimizer, state["caches"])

@@ -1,4 +1,4 @@
-"""Summaries of a run's metrics files, for the demo summary and the benchmark."""
+"""Summaries of a run's metrics files, for the demo's report."""
 
 from __future__ import annotations
 

@@ -272,7 +272,7 @@ def init_optimizer_state_for_loading(megatron_optimizer) -> None:
     megatron/core/optimizer/distrib_optimizer.py state_dict asserts ``len(steps) == 1`` on the
     torch.optim fallback, but torch.optim has no state before its first ``step()``.
     """
-    from megatron_moetion.adapter.optimizer_state import ensure_optimizer_state
+    from megatron_moetion.adapter.optimizer_layout import ensure_optimizer_state
 
     ensure_optimizer_state(megatron_optimizer)
 
@@ -371,7 +371,7 @@ def install(*, training: bool = True, force: bool = False) -> list[str]:
     global _mode
     if torch.cuda.is_available() and not force:
         raise RuntimeError(
-            "megatron_moetion.adapter.cpu_support.install() makes Megatron run on the CPU and "
+            "megatron_moetion.testing.cpu_support.install() makes Megatron run on the CPU and "
             "must not be used on a machine with CUDA; it is only for CPU demos and tests."
         )
     os.environ.setdefault("OMP_NUM_THREADS", "1")

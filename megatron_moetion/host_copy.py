@@ -1,0 +1,112 @@
+"""Host buffers and device-to-host copies, shared by the snapshot engine, the replication thread
+and the upstream logs.
+
+``HostBufferPool`` reuses host buffers by size (pinned on GPU machines), so that after warm-up
+no iteration allocates host memory. ``SideStreamCopies`` is the asynchronous copier on CUDA:
+copies on a side stream, ordered after the work already issued on the training stream (the
+ordering rules its users keep are in ``snapshot``'s docstring). ``measure_copy_bandwidth``
+measures the device-to-host bandwidth that sizes the sparse window.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import torch
+
+
+class HostBufferPool:
+    """Reuses host buffers by size; ``allocations`` counts fresh allocations (for tests)."""
+
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()  # the replication thread takes buffers too
+        self.allocations = 0
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            best = None
+            for i, buf in enumerate(self._free):
+                if buf.numel() >= nbytes and (best is None or buf.numel() < self._free[best].numel()):
+                    best = i
+            if best is not None:
+                return self._free.pop(best)
+            self.allocations += 1
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+
+    def put(self, buf: torch.Tensor | None) -> None:
+        if buf is not None:
+            with self._lock:
+                self._free.append(buf)
+
+    def free_bytes(self) -> int:
+        with self._lock:
+            return sum(b.numel() for b in self._free)
+
+    def trim(self) -> int:
+        """Let go of every free buffer (host memory over its cap); return the bytes freed.
+        The next ``get`` of that size allocates again."""
+        with self._lock:
+            freed, self._free = sum(b.numel() for b in self._free), []
+        return freed
+
+
+class SideStreamCopies:
+    """Device-to-host copies on a CUDA side stream: the engine's and the logs' copier.
+
+    Args:
+        device: the CUDA device the sources live on.
+        stream: the side stream (created if None).
+    """
+
+    pinned = True  # destinations are pinned host memory
+
+    def __init__(self, device: torch.device, stream=None):
+        self.device = torch.device(device)
+        self.stream = stream or torch.cuda.Stream(device=self.device)
+
+    def launch(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               keep_alive: Sequence[torch.Tensor] = ()):
+        """Queue ``dst.copy_(src)`` for every pair after what the training stream has issued so
+        far; ``keep_alive`` tensors are not reused by the allocator before the copies ran.
+        Returns an event (the handle for the two calls below)."""
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            for t in keep_alive:
+                if t.is_cuda:
+                    t.record_stream(self.stream)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
+
+    def order_before_current(self, handle) -> None:
+        """Work issued on the training stream from now on runs after the copies."""
+        torch.cuda.current_stream(self.device).wait_event(handle)
+
+    def synchronize(self, handle) -> None:
+        """Block the host until the copies (and every copy launched before them) are done."""
+        handle.synchronize()
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 64 << 20, repeats: int = 3) -> float:
+    """Device-to-host copy bandwidth in bytes/s into pinned memory (memcpy on CPU)."""
+    device = torch.device(device)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=device.type == "cuda")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / max(best, 1e-9)
