@@ -32,9 +32,19 @@ RUN git clone --quiet --filter=blob:none "${MEGATRON_REPO}" "${MEGATRON_DIR}" \
     && bash scripts/apply_patches.sh "${MEGATRON_DIR}"
 
 # torch, TE and Apex come from the base image; --no-build-isolation keeps pip from replacing them.
-RUN pip install --no-cache-dir --no-build-isolation -e "${MEGATRON_DIR}[mlm]" \
+# "training" is the extra Megatron-LM's pyproject names for pretrain_gpt.py ("mlm" is deprecated);
+# nvidia-resiliency-ext is the version Megatron-LM pins at the ref (its "dev" extra), for
+# --inprocess-restart, --enable-ft-package / ft_launcher and local checkpoints.
+ARG NVRX_VERSION=0.6.0
+RUN pip install --no-cache-dir --no-build-isolation -e "${MEGATRON_DIR}[training]" \
+        "nvidia-resiliency-ext==${NVRX_VERSION}" \
     && pip install --no-cache-dir --no-deps -e . \
-    && python -c "import megatron_moetion.megatron_hooks" \
-    && bash scripts/pretrain_gpt.sh --dry-run > /dev/null
+    && python -c "import megatron.training.training as t, megatron_moetion.megatron_hooks as h; \
+assert t.megatron_hooks is h, 'megatron.training is not the patched tree'; \
+import nvidia_resiliency_ext.inprocess" \
+    && python "${MEGATRON_DIR}/pretrain_gpt.py" --help > /tmp/pretrain_gpt_help.txt \
+    && grep -q -- "--moetion-window" /tmp/pretrain_gpt_help.txt \
+    && bash scripts/pretrain_gpt.sh --dry-run > /dev/null \
+    && bash scripts/pretrain_gpt.sh --help > /dev/null
 
 CMD ["bash"]

@@ -49,7 +49,7 @@ def validate_args(args) -> None:
     if cfg.enabled:
         from megatron_moetion.adapter.support import check_supported
 
-        check_supported(args, cfg)
+        check_supported(args, cfg, restart_engine=_runtime.current().restart_engine)
 
 
 def setup(model, optimizer, opt_param_scheduler, args) -> None:

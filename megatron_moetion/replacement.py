@@ -139,6 +139,10 @@ class Membership:
         resumes = {json.dumps(s.get("resume"), sort_keys=True) for s in states.values()}
         if any(s.get("resume") is None for s in states.values()):
             decision.fallback = "a survivor has no training state to keep (it failed in set-up)"
+        elif any(s["resume"].get("in_step") for s in states.values()):
+            ranks = sorted(r for r, s in states.items() if s["resume"].get("in_step"))
+            decision.fallback = (f"ranks {ranks} were inside an optimizer step the failure "
+                                 f"interrupted (their state may be partly stepped)")
         elif any(s["resume"].get("after_step") for s in states.values()):
             ranks = sorted(r for r, s in states.items() if s["resume"].get("after_step"))
             decision.fallback = (f"ranks {ranks} stopped after an optimizer step the failure "
@@ -178,9 +182,9 @@ def membership_from_env(connect) -> Membership | None:
     return Membership(connect(), process_id, active, spares)
 
 
-def shut_down_peer_connections(store_port: int) -> int:
+def shut_down_peer_connections(*store_ports: int) -> int:
     """Shut down this process's connections to its peers (every connected TCP socket but
-    the store's). A gloo operation still pending on a failed generation's group keeps that
+    those of the stores on ``store_ports``, client or server side). A gloo operation still pending on a failed generation's group keeps that
     group, and so its sockets, alive, and a survivor blocked on this rank would wait for its
     timeout; gloo has no abort (NCCL has ``ncclCommAbort``). Shutting the connections down
     makes every such operation fail at once, here and on the peers. Returns how many."""
@@ -197,8 +201,8 @@ def shut_down_peer_connections(store_port: int) -> int:
             if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET,
                                                                       socket.AF_INET6):
                 continue
-            peer = sock.getpeername()
-            if peer[1] == store_port:
+            # a client of a store, or (on the rank that hosts one) a store's own connection
+            if sock.getpeername()[1] in store_ports or sock.getsockname()[1] in store_ports:
                 continue
             sock.shutdown(socket.SHUT_RDWR)
             count += 1

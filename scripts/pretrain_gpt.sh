@@ -3,15 +3,19 @@
 #
 #   scripts/pretrain_gpt.sh [--dry-run] [--help] [-- EXTRA_MEGATRON_FLAGS...]
 #
-# The command line is assembled from flag blocks. Each block can be replaced whole through an
-# environment variable of the same name, and the defaults inside a block through the smaller
-# variables listed below:
+# The defaults run on one node of 8 GPUs (TP1 x PP2 x EP4, data-parallel 4). The command line
+# is assembled from flag blocks. Each block can be replaced whole through an environment
+# variable of the same name, and the defaults inside a block through the smaller variables
+# listed below:
 #
 #   MODEL_ARGS     NUM_LAYERS=16 HIDDEN_SIZE=2048 FFN_HIDDEN_SIZE=1408 NUM_HEADS=16
 #                  SEQ_LENGTH=4096 MICRO_BATCH_SIZE=1 GLOBAL_BATCH_SIZE=256 TRAIN_ITERS=10000
 #                  LR=3e-4 PRECISION=--bf16
 #   MOE_ARGS       NUM_EXPERTS=64 TOPK=6 DISPATCHER=alltoall GROUPED_GEMM=--moe-grouped-gemm
-#   PARALLEL_ARGS  TP=1 PP=4 EP=8 DIST_OPT=--use-distributed-optimizer
+#   PARALLEL_ARGS  TP=1 PP=2 EP=4 DIST_OPT=--use-distributed-optimizer
+#                  SP=0 (1: --sequence-parallel, needs TP > 1)
+#                  VPP=0 (N > 1: N virtual pipeline stages per rank; MoEtion refuses
+#                  interleaved pipelines for now, see the README)
 #   DATA_ARGS      DATA_PATH (unset: --mock-data) TOKENIZER_MODEL TOKENIZER_TYPE
 #   CKPT_ARGS      CHECKPOINT_DIR (unset: no persistent checkpoints) SAVE_INTERVAL=1000
 #                  CKPT_FORMAT=torch_dist
@@ -22,6 +26,10 @@
 #   LAUNCH         MEGATRON_DIR (the patched Megatron-LM checkout) GPUS_PER_NODE=8 NNODES=1
 #                  NODE_RANK=0 MASTER_ADDR=localhost MASTER_PORT=6000 TORCHRUN=torchrun
 #
+# Several nodes: run it on every node with NNODES, NODE_RANK and MASTER_ADDR set, e.g. on two
+# nodes of 8 GPUs with PP=4 EP=4: `NNODES=2 NODE_RANK=<0|1> MASTER_ADDR=<node 0> PP=4
+# scripts/pretrain_gpt.sh` (MoEtion places each rank's buddies on the other node).
+#
 # --dry-run prints the command instead of running it. Flags after `--` are appended last, so
 # they override the blocks (argparse keeps the last value).
 set -euo pipefail
@@ -31,7 +39,7 @@ extra=()
 while (( $# )); do
   case $1 in
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "pretrain_gpt.sh: unknown option '$1' (allowed: --dry-run, --help, -- FLAGS...)" >&2; exit 2 ;;
   esac
@@ -39,7 +47,7 @@ done
 
 int_re='^[0-9]+$'
 for v in NUM_LAYERS HIDDEN_SIZE FFN_HIDDEN_SIZE NUM_HEADS SEQ_LENGTH MICRO_BATCH_SIZE \
-         GLOBAL_BATCH_SIZE TRAIN_ITERS NUM_EXPERTS TOPK TP PP EP GPUS_PER_NODE NNODES NODE_RANK \
+         GLOBAL_BATCH_SIZE TRAIN_ITERS NUM_EXPERTS TOPK TP PP EP SP VPP GPUS_PER_NODE NNODES NODE_RANK \
          MASTER_PORT SAVE_INTERVAL MOETION_WINDOW MOETION_REPLICATION_FACTOR; do
   if [[ -n ${!v:-} && ! ${!v} =~ $int_re ]]; then
     echo "pretrain_gpt.sh: $v must be a non-negative integer; got '${!v}'" >&2; exit 2
@@ -57,9 +65,13 @@ MODEL_ARGS=${MODEL_ARGS:-"--num-layers ${NUM_LAYERS:-16} --hidden-size ${HIDDEN_
 MOE_ARGS=${MOE_ARGS:-"--num-experts ${NUM_EXPERTS:-64} --moe-router-topk ${TOPK:-6} \
 --moe-token-dispatcher-type ${DISPATCHER:-alltoall} --moe-router-load-balancing-type aux_loss \
 --moe-aux-loss-coeff 1e-2 ${GROUPED_GEMM---moe-grouped-gemm}"}
-PARALLEL_ARGS=${PARALLEL_ARGS:-"--tensor-model-parallel-size ${TP:-1} \
---pipeline-model-parallel-size ${PP:-4} --expert-model-parallel-size ${EP:-8} \
-${DIST_OPT---use-distributed-optimizer}"}
+if [[ -z ${PARALLEL_ARGS:-} ]]; then
+  PARALLEL_ARGS="--tensor-model-parallel-size ${TP:-1} \
+--pipeline-model-parallel-size ${PP:-2} --expert-model-parallel-size ${EP:-4} \
+${DIST_OPT---use-distributed-optimizer}"
+  [[ ${SP:-0} != 0 ]] && PARALLEL_ARGS+=" --sequence-parallel"
+  (( ${VPP:-0} > 1 )) && PARALLEL_ARGS+=" --num-virtual-stages-per-pipeline-rank ${VPP}"
+fi
 if [[ -z ${DATA_ARGS:-} ]]; then
   if [[ -n ${DATA_PATH:-} ]]; then
     DATA_ARGS="--data-path ${DATA_PATH} --tokenizer-type ${TOKENIZER_TYPE:-HuggingFaceTokenizer} \

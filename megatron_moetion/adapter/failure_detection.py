@@ -33,14 +33,6 @@ from megatron_moetion.liveness import Liveness, Verdict, wait_for_verdict_on_col
 logger = logging.getLogger(__name__)
 
 
-def in_place_replacement() -> bool:
-    """Warm spares replace dead ranks (the launcher started them; ``adapter.inprocess``)."""
-    from megatron_moetion.replacement import ENV_PROCESS_ID
-
-    return ENV_PROCESS_ID in os.environ
-
-
-
 class FailureDetector:
     """Liveness for one rank's session (see module docstring).
 

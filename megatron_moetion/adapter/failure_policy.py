@@ -122,6 +122,17 @@ class FailurePolicy:
         if self.rank == 0:
             logger.warning("[moetion] recovery: %s", json.dumps(report, default=str))
 
+    def report_restart(self, faults_fired_before: list[str]) -> None:
+        """On a job restarted from its checkpoint after a failure: report the rollback (the
+        last fallback recorded beside the checkpoint, and the planned faults that fired)."""
+        history = fallbacks_recorded(getattr(self.args, "load", None))
+        if (history or faults_fired_before) and self.last_checkpoint_iteration is not None:
+            self.metrics.write({"rank": self.rank, "kind": "restart",
+                                "checkpoint_iteration": self.last_checkpoint_iteration,
+                                "fallbacks_before": len(history),
+                                "last_fallback": history[-1] if history else None,
+                                "faults_fired_before": faults_fired_before})
+
     def record(self, report: dict) -> None:
         """Record a fallback beside the checkpoint (one rank does, for the restarted job)."""
         if self.can_restart_from_checkpoint():

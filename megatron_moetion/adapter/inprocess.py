@@ -113,8 +113,8 @@ def _connect_store():
 def run(pretrain_once: Callable[[object], None], *, assignment: RankAssignment | None = None,
         abort: Abort | None = None) -> None:
     """Run training, replacing dead ranks by warm spares where the launcher started some."""
-    runtime = install(Runtime())
     assignment = assignment or membership_from_env(_connect_store)
+    runtime = install(Runtime(restart_engine="moetion" if assignment else None))
     if assignment is None:
         pretrain_once(None)
         return
@@ -144,7 +144,7 @@ def run(pretrain_once: Callable[[object], None], *, assignment: RankAssignment |
             except BaseException:
                 driver.release_spares()  # the job ends: idle spares leave too
                 raise
-            driver.restore_module_state()
+            restore_module_state(driver.fresh)
             continue
         if rank == 0:
             assignment.finish()
@@ -154,41 +154,42 @@ def run(pretrain_once: Callable[[object], None], *, assignment: RankAssignment |
 _STATEFUL_MODULES = ("megatron.training.training", "megatron.training.checkpointing")
 
 
+def module_state() -> dict:
+    """Module-level state of Megatron's training code as a fresh process has it. Survivors
+    restore it before re-entering ``pretrain()``: it decides which set-up collectives run
+    (``_STARTUP_TIMESTAMPS`` adds an all-reduce once set), and a spare runs with it fresh."""
+    import copy
+    import importlib
+
+    state = {}
+    for name in _STATEFUL_MODULES:
+        module = importlib.import_module(name)
+        for key, value in vars(module).items():
+            if key.startswith("_") and key[1:2].isupper() and (
+                    value is None or isinstance(value, (bool, int, float, str, dict))):
+                state[(name, key)] = copy.deepcopy(value)
+    return state
+
+
+def restore_module_state(state: dict) -> None:
+    import copy
+
+    for (name, key), value in state.items():
+        setattr(sys.modules[name], key, copy.deepcopy(value))
+
+
 class _Driver:
     """The generation changes of one process (see the module docstring)."""
 
     def __init__(self, runtime: Runtime, assignment: RankAssignment, abort: Abort):
         self.runtime, self.assignment, self.abort = runtime, assignment, abort
-        self.fresh = self._module_state()
+        self.fresh = module_state()
 
     def release_spares(self) -> None:
         try:
             self.assignment.finish()
         except Exception:  # noqa: BLE001 - the store may be gone with the job
             pass
-
-    @staticmethod
-    def _module_state() -> dict:
-        """Module-level state of Megatron's training code as a fresh process has it. Survivors
-        restore it before re-entering ``pretrain()``: it decides which set-up collectives run
-        (``_STARTUP_TIMESTAMPS`` adds an all-reduce once set), and a spare runs with it fresh."""
-        import copy
-        import importlib
-
-        state = {}
-        for name in _STATEFUL_MODULES:
-            module = importlib.import_module(name)
-            for key, value in vars(module).items():
-                if key.startswith("_") and key[1:2].isupper() and (
-                        value is None or isinstance(value, (bool, int, float, str, dict))):
-                    state[(name, key)] = copy.deepcopy(value)
-        return state
-
-    def restore_module_state(self) -> None:
-        import copy
-
-        for (name, key), value in self.fresh.items():
-            setattr(sys.modules[name], key, copy.deepcopy(value))
 
     def after_failure(self, generation: int, rank: int, exc: BaseException) -> int:
         """Leave the failed generation; return the next one (or raise ``exc``)."""

@@ -21,7 +21,11 @@ from megatron_moetion import config as _config
 class Runtime:
     """See the module docstring."""
 
-    def __init__(self):
+    def __init__(self, restart_engine: str | None = None):
+        # what restarts ranks in place: None (nothing: a dead rank means a restart from the
+        # persistent checkpoint), "moetion" (adapter.inprocess, warm spares) or "nvrx"
+        # (Megatron's --inprocess-restart: adapter.nvrx_restart)
+        self.restart_engine = restart_engine
         self.cfg: _config.MoEtionConfig | None = None
         self.session: Any = None  # adapter.session.MoEtionSession while MoEtion is on
         self.oracle: Any = None  # adapter.oracle_tap.OracleTap while --moetion-oracle-dir
@@ -53,7 +57,8 @@ class Runtime:
             from megatron_moetion.adapter.session import MoEtionSession
 
             self.session = MoEtionSession(cfg, model, optimizer, scheduler, args,
-                                          last_checkpoint_iteration=self.last_checkpoint_load)
+                                          last_checkpoint_iteration=self.last_checkpoint_load,
+                                          restart_engine=self.restart_engine)
 
     def prepare_arguments(self, args) -> None:
         """In a generation after a replacement, ``--load`` is skipped (survivors keep their
@@ -83,7 +88,7 @@ class Runtime:
             self.session = MoEtionSession(
                 cfg, model, optimizer, scheduler, args,
                 last_checkpoint_iteration=resume.get("last_checkpoint_iteration"),
-                joining=resume)
+                joining=resume, restart_engine=self.restart_engine)
 
     # ------------------------------------------------------------------ generations
     def join_next_generation(self, resume: dict) -> None:

@@ -38,8 +38,8 @@ import time
 import torch
 
 from megatron_moetion.adapter import rng_state
-from megatron_moetion.adapter.failure_detection import FailureDetector, in_place_replacement
-from megatron_moetion.adapter.failure_policy import FailurePolicy, fallbacks_recorded
+from megatron_moetion.adapter.failure_detection import FailureDetector
+from megatron_moetion.adapter.failure_policy import FailurePolicy
 from megatron_moetion.adapter.fault_injection import (
     FIRED_LOG,
     FaultInjector,
@@ -77,12 +77,15 @@ class MoEtionSession:
         last_checkpoint_iteration: iteration of the checkpoint ``--load`` restored, if any.
         joining: set on a warm spare that replaces a dead rank (``adapter.inprocess``): where
             the survivors resume (what ``suspend`` returned on them).
+        restart_engine: what replaces dead ranks in place (``Runtime.restart_engine``); with
+            ``"nvrx"`` its monitor detects failures and MoEtion runs no heartbeats of its own.
     """
 
     def __init__(self, cfg: MoEtionConfig, model, optimizer, scheduler, args,
-                 last_checkpoint_iteration: int | None = None, joining: dict | None = None):
-        check_supported(args, cfg)
-        self.cfg = cfg
+                 last_checkpoint_iteration: int | None = None, joining: dict | None = None,
+                 restart_engine: str | None = None):
+        check_supported(args, cfg, restart_engine)
+        self.cfg, self.restart_engine = cfg, restart_engine
         self.ctx = RankContext.connect(cfg)
         self.rank, self.world_size = self.ctx.rank, self.ctx.world_size
         self.objects = MegatronObjects.bind(model, optimizer, scheduler, args)
@@ -114,6 +117,7 @@ class MoEtionSession:
         self.start_state: dict | None = None  # RNG, router buffers, counters at its start
         self.resume_at: int | None = None  # survivors of a replaced rank: iteration resumed
         self.stepped = -1  # the last iteration whose optimizer step ran on this rank
+        self.in_step = False  # between the agreement and the end of the optimizer step
         self.kept_state: dict | None = None  # a survivor between two generations
         self._num_microbatches = None
         self._iter: dict = {}
@@ -123,16 +127,19 @@ class MoEtionSession:
             self._join(joining)
         self.detector = self._start_detector()
         if joining is None:
-            self._report_restart()
+            self.policy.report_restart(self.faults.fired_before)
             self._restore_checkpoint_rng()
         if self.rank == 0:
             logger.warning("[moetion] on: %d operators on rank 0, %d buddies per rank, copy "
                            "bandwidth %.2f GB/s", len(self.objects.bindings),
                            self.ctx.topology.num_buddies, self.pipeline.copy_bandwidth / 1e9)
 
-    def _start_detector(self) -> FailureDetector:
+    def _start_detector(self) -> FailureDetector | None:
+        if self.restart_engine == "nvrx":
+            return None  # the Wrapper's monitor detects failures
         detector = FailureDetector(self.cfg, self.rank, self.world_size, self.policy,
-                                   lambda: self.iteration, replace_in_place=in_place_replacement())
+                                   lambda: self.iteration,
+                                   replace_in_place=self.restart_engine is not None)
         detector.start()
         return detector
 
@@ -142,7 +149,8 @@ class MoEtionSession:
 
     # ------------------------------------------------------------------ faults
     def fire(self, phase: str, **kwargs) -> None:
-        self.detector.progress(self.iteration, phase)
+        if self.detector is not None:
+            self.detector.progress(self.iteration, phase)
         for fault in self.faults.due(phase, self.iteration, **kwargs):
             self._carry_out(fault)
 
@@ -161,18 +169,6 @@ class MoEtionSession:
         self.objects.state.wipe(
             [buf for b in self.objects.bindings for buf in b.buffers])
         self.recovery.mark_lost()
-
-    def _report_restart(self) -> None:
-        """On a job restarted from its checkpoint after a failure: report the rollback (the
-        last fallback MoEtion recorded, and the planned faults that fired before)."""
-        history = fallbacks_recorded(getattr(self.objects.args, "load", None))
-        fired = self.faults.fired_before
-        if (history or fired) and self.last_checkpoint_iteration is not None:
-            self.metrics.write({"rank": self.rank, "kind": "restart",
-                                "checkpoint_iteration": self.last_checkpoint_iteration,
-                                "fallbacks_before": len(history),
-                                "last_fallback": history[-1] if history else None,
-                                "faults_fired_before": fired})
 
     # ------------------------------------------------------------------ the schedule
     def wrap_forward_backward_func(self, forward_backward_func):
@@ -217,6 +213,7 @@ class MoEtionSession:
         self._stall += time.perf_counter() - t0
         if not self.agreed.failed:
             self._stall += self.pipeline.wait_for_copies()
+            self.in_step = True  # the optimizer step comes next
             return False
         report = self.recovery.recover(self.agreed.failed, self.iteration, self.start_state,
                                        self.agreed, template, forward_backward_func)
@@ -228,12 +225,13 @@ class MoEtionSession:
     # ------------------------------------------------------------------ per-iteration hooks
     def on_train_step_start(self, iteration: int) -> None:
         t0 = time.perf_counter()
-        self._stall, self.iteration = 0.0, iteration
+        self._stall, self.iteration, self.in_step = 0.0, iteration, False
         self._iter = {"iteration": iteration}
         if self.first_iteration is None:
             self.first_iteration = iteration
             self.pipeline.start(iteration)
-        self.detector.progress(iteration, "train")
+        if self.detector is not None:
+            self.detector.progress(iteration, "train")
         if self.resume_at == iteration:  # resumed in place: this start ran in the last generation
             self.resume_at = None
             self._stall += time.perf_counter() - t0
@@ -263,7 +261,7 @@ class MoEtionSession:
 
     def on_optimizer_step_end(self, iteration: int, update_successful: bool, grad_norm) -> None:
         t0 = time.perf_counter()
-        self.stepped = iteration
+        self.stepped, self.in_step = iteration, False
         probe = self.objects.probe.last
         steps = getattr(self.objects.scheduler, "num_steps", 0)
         record = {"grad_norm": probe.get("grad_norm"),
@@ -338,7 +336,8 @@ class MoEtionSession:
         drop every reference to the generation's Megatron objects and process groups (a
         group's sockets close only once nothing refers to it, and peers blocked on this rank
         are released by that), and say where this rank stands."""
-        self.detector.abandon()
+        if self.detector is not None:
+            self.detector.abandon()
         self.pipeline.stop_for_handover()
         self.kept_state = self.objects.state.state_dict()
         if "stale_survivors" in self.cfg.negative_controls:  # survivors lose optimizer state
@@ -350,6 +349,8 @@ class MoEtionSession:
         self.upstream.release()
         self.recovery.release()
         self.objects = self.ctx = None
+        if self.in_step:  # stopped inside the optimizer step: the state may be partly stepped
+            return {"iteration": self.iteration, "in_step": True}
         if self.stepped >= self.iteration:  # stopped after this iteration's optimizer step
             return {"iteration": self.iteration + 1, "after_step": True}
         self.resume_at = self.iteration
@@ -382,7 +383,8 @@ class MoEtionSession:
         if self._closed:
             return
         self._closed = True
-        self.detector.stop()  # a finished rank is not a dead one
+        if self.detector is not None:
+            self.detector.stop()  # a finished rank is not a dead one
         self.pipeline.close()
         if self.cfg.debug_dump_dir:
             self.pipeline.dump_replicas(self.cfg.debug_dump_dir)

@@ -23,8 +23,9 @@ from megatron_moetion.config import MoEtionConfig
 from megatron_moetion.errors import UnsupportedConfigurationError
 
 
-def check_supported(args, cfg: MoEtionConfig) -> None:
-    """Raise ``UnsupportedConfigurationError`` for configurations MoEtion cannot handle."""
+def check_supported(args, cfg: MoEtionConfig, restart_engine: str | None = None) -> None:
+    """Raise ``UnsupportedConfigurationError`` for configurations MoEtion cannot handle;
+    ``restart_engine``: what replaces dead ranks in this process (``Runtime.restart_engine``)."""
     problems = []
 
     def refuse(flag: str, why: str) -> None:
@@ -68,6 +69,19 @@ def check_supported(args, cfg: MoEtionConfig) -> None:
                "forward-backward outside MoEtion's view")
     if getattr(args, "optimizer", "adam") not in ("adam", "sgd"):
         refuse(f"--optimizer {args.optimizer}", "only Adam and SGD state are captured")
+    if getattr(args, "inprocess_restart", False) and restart_engine != "nvrx":
+        refuse("--inprocess-restart outside MoEtion's entry",
+               "Megatron-LM core_v0.19.0's own wiring (pretrain_gpt.py's "
+               "maybe_wrap_for_inprocess_restart) calls pretrain() again without its arguments "
+               "and drops the call wrapper, so survivors could not keep their state; start "
+               "training through megatron_moetion.adapter.nvrx_restart.run (the CPU driver "
+               "does), which runs nvidia-resiliency-ext's Wrapper with MoEtion's handover")
+    if getattr(args, "non_persistent_ckpt_type", None):
+        refuse(f"--non-persistent-ckpt-type {args.non_persistent_ckpt_type}",
+               "a job restarted from a non-persistent checkpoint resumes without MoEtion's "
+               "per-rank RNG streams (kept beside persistent checkpoints only), so it would not "
+               "continue bitwise; MoEtion's in-memory windows are the fast tier, the "
+               "persistent checkpoint (--save) the fallback")
     if problems:
         raise UnsupportedConfigurationError(
             "--moetion cannot protect this configuration:\n  " + "\n  ".join(problems))

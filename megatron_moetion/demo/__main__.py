@@ -36,6 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="warm spare processes for the run with faults: a killed rank is "
                              "replaced in place and the survivors keep their state (default 0: "
                              "a killed rank restarts the job from its last checkpoint)")
+    parser.add_argument("--restart-engine", choices=("moetion", "nvrx"), default="moetion",
+                        help="with --spares, what replaces a killed rank: MoEtion's own engine, "
+                             "or Megatron's --inprocess-restart (nvidia-resiliency-ext's "
+                             "Wrapper, the spares as its reserve ranks)")
     parser.add_argument("--timeout-s", type=float, default=600, help="per-run timeout")
     args = parser.parse_args(argv)
     if args.iters < 4:
@@ -74,10 +78,29 @@ def run(cfg: RunConfig, out: Path, label: str, timeout_s: float):
           flush=True)
     result = run_pretrain(cfg, out, timeout_s=timeout_s, max_restarts=1)
     if result.returncode != 0:
-        print(result.log_tail(80), file=sys.stderr)
         print(f"[demo] {label} failed (exit code {result.returncode}); log: {result.log_path}",
               file=sys.stderr)
+        print(f"[demo] {why_unrecoverable(cfg)}", file=sys.stderr)
     return result
+
+
+def why_unrecoverable(cfg: RunConfig) -> str:
+    """One line: what died, why the run could not continue, what would have saved it."""
+    deaths = [f for f in FaultPlan.parse(cfg.fault_plan).faults if f.kind in ("kill", "hang")]
+    if not deaths:
+        return "training failed; the end of the log above says why"
+    first = deaths[0]
+    what = "was killed" if first.kind == "kill" else "stopped answering"
+    missing = []
+    if len(deaths) > cfg.spares:
+        missing.append(f"{len(deaths)} spare process(es) (--spares {len(deaths)}) to replace "
+                       f"it in place")
+    if cfg.save_interval <= 0 or first.iteration <= cfg.save_interval:
+        missing.append(f"a persistent checkpoint before iteration {first.iteration} (the "
+                       f"demo saves every {cfg.save_interval} iterations)")
+    cure = " or ".join(missing) if missing else "a longer --timeout-s"
+    return (f"rank {first.rank} {what} at iteration {first.iteration} and nothing could take "
+            f"its place: {cure} would have saved the run")
 
 
 def main(argv=None) -> int:
@@ -98,7 +121,8 @@ def main(argv=None) -> int:
             shutil.rmtree(path)
     if run(base, clean, "fault-free run", args.timeout_s).returncode != 0:
         return 1
-    if run(base.replace(fault_plan=str(plan), spares=args.spares), faulted, "run with faults",
+    if run(base.replace(fault_plan=str(plan), spares=args.spares,
+                        restart_engine=args.restart_engine), faulted, "run with faults",
            args.timeout_s).returncode != 0:
         return 1
     comparison = compare_dumps(clean / "oracle", faulted / "oracle")
@@ -135,8 +159,10 @@ def main(argv=None) -> int:
         if rec.get("cause") == "process_failure" and rec.get("replaced_by"):
             spares = ", ".join(f"rank {r} by spare process {p}"
                                for r, p in rec["replaced_by"].items())
-            print(f"[demo] {rec['reason']}; detected after {rec['detection_s']:.1f} s, replaced "
-                  f"in place ({spares}); the survivors kept their state")
+            detected = (f"detected after {rec['detection_s']:.1f} s, "
+                        if rec.get("detection_s") is not None else "")
+            print(f"[demo] {rec['reason']}; {detected}replaced in place ({spares}); the "
+                  f"survivors kept their state")
             continue
         if rec.get("cause") == "process_failure":
             print(f"[demo] {rec['reason']}; detected after {rec['detection_s']:.1f} s, every "

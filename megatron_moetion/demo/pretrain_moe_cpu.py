@@ -18,6 +18,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
+import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the launcher's stack dump on timeout
@@ -112,8 +113,6 @@ def _driver_options() -> None:
     """Options of this driver, not Megatron's, taken off the command line before Megatron
     parses it: ``--test-optimizer group-step-adam`` trains with an Adam that keeps ``step`` per
     parameter group, as FusedAdam does (``testing.group_step_adam``)."""
-    import sys
-
     if "--test-optimizer" not in sys.argv:
         return
     i = sys.argv.index("--test-optimizer")
@@ -153,7 +152,14 @@ def main() -> None:
                  ModelType.encoder_or_decoder, forward_step, model_provider=model_provider,
                  store=store)
 
-    inprocess.run(pretrain_once)  # one plain call unless the launcher started warm spares
+    if "--inprocess-restart" in sys.argv:  # Megatron's own: nvidia-resiliency-ext's Wrapper
+        from megatron.training.arguments import parse_args
+
+        from megatron_moetion.adapter import nvrx_restart
+
+        nvrx_restart.run(pretrain_once, parse_args(ignore_unknown_args=True))
+    else:
+        inprocess.run(pretrain_once)  # one plain call unless the launcher started warm spares
 
 
 if __name__ == "__main__":

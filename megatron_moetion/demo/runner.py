@@ -14,7 +14,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_moetion.testing.launch import RunResult, run_torchrun, run_with_spares
+from megatron_moetion.testing.launch import (
+    RunResult,
+    run_torchrun,
+    run_with_reserves,
+    run_with_spares,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PATCHED_MEGATRON = Path(os.environ.get("MOETION_PATCHED_MEGATRON",
@@ -54,6 +59,9 @@ class RunConfig:
     fault_plan: str = ""
     save_interval: int = 0
     spares: int = 0  # warm spares: one process per rank and spare, dead ranks replaced in place
+    # what replaces a dead rank by a spare: "moetion" (adapter.inprocess) or "nvrx" (Megatron's
+    # --inprocess-restart: nvidia-resiliency-ext's Wrapper, adapter.nvrx_restart)
+    restart_engine: str = "moetion"
     extra_flags: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -112,6 +120,12 @@ def megatron_flags(cfg: RunConfig, out_dir: Path) -> list[str]:
     if cfg.save_interval:
         flags += ["--save", out_dir / "ckpt", "--load", out_dir / "ckpt",
                   "--save-interval", cfg.save_interval, "--ckpt-format", "torch_dist"]
+    if cfg.spares and cfg.restart_engine == "nvrx":
+        flags += ["--inprocess-restart", "--inprocess-active-world-size", cfg.world_size,
+                  "--inprocess-granularity", "rank"]
+    elif cfg.restart_engine not in ("moetion", "nvrx"):
+        raise ValueError(f"RunConfig.restart_engine must be moetion or nvrx; got "
+                         f"{cfg.restart_engine!r}")
     if cfg.moetion:
         flags += ["--moetion", "--moetion-window", cfg.window,
                   "--moetion-replication-factor", cfg.replication_factor,
@@ -159,7 +173,12 @@ def run_pretrain(cfg: RunConfig, out_dir: str | os.PathLike, *, timeout_s: float
     seconds = 0.0
     for _attempt in range(max_restarts + 1):
         before = stamp()
-        if cfg.spares:
+        if cfg.spares and cfg.restart_engine == "nvrx":
+            result = run_with_reserves(DRIVER, cfg.world_size, cfg.spares,
+                                       megatron_flags(cfg, out_dir),
+                                       log_path=out_dir / "log.txt",
+                                       timeout_s=timeout_s - seconds, env=run_env(env))
+        elif cfg.spares:
             result = run_with_spares(DRIVER, cfg.world_size, cfg.spares,
                                      megatron_flags(cfg, out_dir), log_path=out_dir / "log.txt",
                                      timeout_s=timeout_s - seconds, env=run_env(env))

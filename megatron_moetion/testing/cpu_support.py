@@ -6,11 +6,12 @@ in the package calls it implicitly. Call it in every worker process before anyth
 workaround lives in ``tests/megatron/test_cpu_support.py``. ``MOETION_CPU_DISABLE=a,b`` turns
 single workarounds off, to see what breaks without them.
 
-Workarounds for ``megatron/core``: paged_stash, rng, streams, current_device, moe_dtoh,
-device_mode. For ``megatron/training``: typing_override, allow_no_cuda, device_count,
+Workarounds for ``megatron/core``: nvrx_version, paged_stash, rng, streams, current_device,
+moe_dtoh, device_mode. For ``megatron/training``: typing_override, allow_no_cuda, device_count,
 compile_helpers. For loading a DistributedOptimizer checkpoint with the torch.optim fallback
-(no Apex/TE, so also on GPU without them): distopt_step_key, distopt_init_state,
-distopt_load_state. Speed only: inprocess_ckpt_queue.
+(no Apex/TE, so also on GPU without them; ``testing.distopt_loading``): distopt_step_key,
+distopt_init_state, distopt_load_state. Speed only: inprocess_ckpt_queue. For ``--inprocess-restart``:
+inprocess_nccl_init.
 """
 
 from __future__ import annotations
@@ -25,11 +26,18 @@ import typing
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_moetion.testing import distopt_loading
+from megatron_moetion.testing.distopt_loading import (  # noqa: F401  (the probe's names)
+    fix_optimizer_step_after_load,
+    init_optimizer_state_for_loading,
+)
+
 ENV_DISABLE = "MOETION_CPU_DISABLE"
 WORKAROUNDS = (
-    "paged_stash", "rng", "streams", "current_device", "moe_dtoh", "device_mode",
+    "nvrx_version", "paged_stash", "rng", "streams", "current_device", "moe_dtoh", "device_mode",
     "typing_override", "allow_no_cuda", "device_count", "compile_helpers",
     "distopt_step_key", "distopt_init_state", "distopt_load_state", "inprocess_ckpt_queue",
+    "inprocess_nccl_init",
 )
 
 applied: list[str] = []
@@ -39,6 +47,20 @@ _mode: TorchFunctionMode | None = None
 
 def _enabled(name: str) -> bool:
     return name not in set(filter(None, os.environ.get(ENV_DISABLE, "").split(",")))
+
+
+# --- megatron/core/dist_checkpointing/strategies/nvrx.py: megatron-core 0.19.2 asserts
+#     nvidia-resiliency-ext >= 0.6.0 and reads ``nvidia_resiliency_ext.__version__``, which 0.4.1
+#     (the newest build for Python 3.11, which the tests use for its in-process restart) lacks:
+#     `import megatron.core` raises. Hide only nvrx's async checkpointing core from it (Megatron
+#     then uses its own async checkpointing), where the installed nvrx has no version.
+def _hide_old_nvrx_async_ckpt() -> None:
+    try:
+        import nvidia_resiliency_ext as nvrx
+    except ImportError:
+        return
+    if getattr(nvrx, "__version__", None) is None:
+        sys.modules.setdefault("nvidia_resiliency_ext.checkpointing.async_ckpt.core", None)
 
 
 # --- megatron/core/transformer/moe/ops/paged_stash.py: `import triton` at module level, reached
@@ -245,94 +267,6 @@ def _patch_compile_helpers() -> None:
     dataset_utils.compile_helpers = lambda: None
 
 
-# --- megatron/core/optimizer/distrib_optimizer.py _set_main_param_and_optimizer_states copies
-#     every tensor of the torch.optim state, including Adam's 'step', which fully_reshardable
-#     checkpoints do not carry (KeyError: 'step'). Feed back the current value.
-def _patch_distopt_step_key() -> None:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    original = DistributedOptimizer._set_main_param_and_optimizer_states
-    originals["distopt._set_main_param_and_optimizer_states"] = original
-
-    def _set(self, model_param, tensors):
-        if "step" not in tensors:
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-            state = self.optimizer.state.get(main_param, {})
-            if torch.is_tensor(state.get("step")):
-                tensors = {**tensors, "step": state["step"].clone()}
-        return original(self, model_param, tensors)
-
-    DistributedOptimizer._set_main_param_and_optimizer_states = _set
-
-
-def init_optimizer_state_for_loading(megatron_optimizer) -> None:
-    """Pre-create Adam state so ``DistributedOptimizer.state_dict()`` works before step 1.
-
-    megatron/core/optimizer/distrib_optimizer.py state_dict asserts ``len(steps) == 1`` on the
-    torch.optim fallback, but torch.optim has no state before its first ``step()``.
-    """
-    from megatron_moetion.adapter.optimizer_layout import ensure_optimizer_state
-
-    ensure_optimizer_state(megatron_optimizer)
-
-
-def fix_optimizer_step_after_load(megatron_optimizer) -> None:
-    """Copy ``param_groups[i]['step']`` into every parameter's Adam state after a load.
-
-    Megatron restores the step count only into the param group on the torch.optim fallback;
-    without this, training continues with the wrong bias correction (silently diverges). The
-    group's copy is then removed: a run that never restarted has none.
-    """
-    for opt in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
-        for group in opt.optimizer.param_groups:
-            if "step" not in group:
-                continue
-            per_parameter = False
-            for param in group["params"]:
-                state = opt.optimizer.state.get(param)
-                if state is not None and "step" in state:
-                    state["step"] = torch.tensor(float(group["step"]))
-                    per_parameter = True
-            if per_parameter:  # the load's copy: torch's Adam neither reads nor advances it
-                del group["step"]  # (FusedAdam-style optimizers keep theirs)
-
-
-# --- megatron/training/checkpointing.py load_checkpoint -> generate_state_dict ->
-#     DistributedOptimizer.sharded_state_dict(is_loading=True) -> state_dict() asserts
-#     len(steps) == 1, but a fresh torch.optim.Adam has no state yet.
-def _patch_distopt_init_state() -> None:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    original = DistributedOptimizer.sharded_state_dict
-    originals["distopt.sharded_state_dict"] = original
-
-    def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, *args, **kwargs):
-        if is_loading and len(self.optimizer.state) == 0:
-            init_optimizer_state_for_loading(self)
-        return original(self, model_sharded_state_dict, is_loading, *args, **kwargs)
-
-    DistributedOptimizer.sharded_state_dict = sharded_state_dict
-
-
-# --- DistributedOptimizer.load_state_dict -> load_parameter_state_from_dp_reshardable copies
-#     into views of leaf params outside no_grad (RuntimeError), and leaves Adam's per-param step
-#     at its pre-load value (see fix_optimizer_step_after_load).
-def _patch_distopt_load_state() -> None:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    original = DistributedOptimizer.load_state_dict
-    originals["distopt.load_state_dict"] = original
-
-    def load_state_dict(self, state_dict):
-        with torch.no_grad():
-            out = original(self, state_dict)
-        fix_optimizer_step_after_load(self)
-        return out
-
-    DistributedOptimizer.load_state_dict = load_state_dict
-
-
 # --- Speed only: megatron/core/dist_checkpointing/strategies/filesystem_async.py
 #     get_write_results_queue starts a spawn-context Manager (a fresh interpreter per rank,
 #     about 9 s on 2 cores) on the first save. A plain queue is enough without --async-save.
@@ -345,16 +279,30 @@ def _patch_inprocess_ckpt_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+# --- megatron/training/inprocess_restart.py maybe_force_nccl_backend_init: with
+#     --inprocess-restart, initialize_megatron all-reduces a tensor on the device and calls
+#     torch.cuda.synchronize() to force NCCL's lazy init; gloo needs no forcing, and the CPU
+#     build has no synchronize.
+def _patch_inprocess_nccl_init() -> None:
+    from megatron.training import inprocess_restart
+
+    originals["inprocess_restart.maybe_force_nccl_backend_init"] = (
+        inprocess_restart.maybe_force_nccl_backend_init)
+    inprocess_restart.maybe_force_nccl_backend_init = lambda device_id: None
+
+
 _CORE = (
     ("rng", _patch_rng), ("streams", _patch_streams),
     ("current_device", _patch_current_device), ("moe_dtoh", _patch_moe_dtoh),
 )
 _TRAINING = (
     ("allow_no_cuda", _patch_allow_no_cuda), ("device_count", _patch_device_count),
-    ("compile_helpers", _patch_compile_helpers), ("distopt_step_key", _patch_distopt_step_key),
-    ("distopt_init_state", _patch_distopt_init_state),
-    ("distopt_load_state", _patch_distopt_load_state),
+    ("compile_helpers", _patch_compile_helpers),
+    ("distopt_step_key", lambda: distopt_loading.patch_distopt_step_key(originals)),
+    ("distopt_init_state", lambda: distopt_loading.patch_distopt_init_state(originals)),
+    ("distopt_load_state", lambda: distopt_loading.patch_distopt_load_state(originals)),
     ("inprocess_ckpt_queue", _patch_inprocess_ckpt_queue),
+    ("inprocess_nccl_init", _patch_inprocess_nccl_init),
 )
 
 
@@ -375,6 +323,9 @@ def install(*, training: bool = True, force: bool = False) -> list[str]:
             "must not be used on a machine with CUDA; it is only for CPU demos and tests."
         )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "nvrx_version" not in applied and _enabled("nvrx_version"):
+        _hide_old_nvrx_async_ckpt()
+        applied.append("nvrx_version")
     if "paged_stash" not in applied and _enabled("paged_stash"):
         _stub_paged_stash()
         applied.append("paged_stash")

@@ -129,35 +129,40 @@ def run_torchrun(script: str | os.PathLike, nproc: int, script_args: list[str], 
     return run_command(cmd, log_path=log_path, timeout_s=timeout_s, env=full_env)
 
 
-def run_with_spares(script: str | os.PathLike, nproc: int, spares: int, script_args: list[str], *,
-                    log_path: str | os.PathLike, timeout_s: float,
-                    env: dict[str, str] | None = None,
-                    python: str = sys.executable) -> RunResult:
-    """Run ``script`` as ``nproc`` ranks plus ``spares`` warm spares, one process each, around a
-    store this process hosts (so it outlives every worker, as the store of a per-node agent
-    does). Nothing tears the job down when a worker dies: survivors replace it in place
-    (``megatron_moetion.adapter.inprocess``). The return code is the first non-zero exit of a
-    process that was not SIGKILLed (a killed worker is the planned fault), else 0."""
-    import torch.distributed as dist
+def free_port_block(count: int) -> int:
+    """A port ``p`` with ``p .. p+count-1`` all unused on 127.0.0.1 (Megatron's in-process
+    restart puts its stores on the two ports after ``MASTER_PORT``)."""
+    for _ in range(100):
+        base = free_port()
+        socks = []
+        try:
+            for offset in range(count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no block of {count} free ports found")
 
+
+def _supervise(script, script_args, envs: list[dict], log_path: Path, timeout_s: float,
+               python: str) -> RunResult:
+    """One process per environment in ``envs``; nothing tears the job down when one dies.
+    The return code is the first non-zero exit of a process that was not killed (SIGKILL, or
+    SIGTERM from the in-process restart's hard timeout: the planned fault), else 0."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
-    base = dict(os.environ if env is None else env)
-    base.setdefault("OMP_NUM_THREADS", "1")
-    base.setdefault("PYTHONUNBUFFERED", "1")
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
-                LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MOETION_ACTIVE_WORLD_SIZE=str(nproc),
-                MOETION_SPARES=str(spares))
     start = time.monotonic()
     procs = []
     with open(log_path, "ab") as log:
         try:
-            for pid in range(nproc + spares):
-                proc_env = dict(base, MOETION_PROCESS_ID=str(pid), RANK=str(min(pid, nproc - 1)))
+            for env in envs:
                 procs.append(subprocess.Popen([python, str(script), *script_args], stdout=log,
-                                              stderr=subprocess.STDOUT, env=proc_env,
+                                              stderr=subprocess.STDOUT, env=env,
                                               start_new_session=True))
             deadline = start + timeout_s
             while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -176,9 +181,55 @@ def run_with_spares(script: str | os.PathLike, nproc: int, spares: int, script_a
                     os.killpg(p.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-    del store
     codes = [p.returncode for p in procs]
-    rc = -9 if timed_out else next((c for c in codes if c not in (0, -signal.SIGKILL)), 0)
+    killed = (0, -signal.SIGKILL, -signal.SIGTERM)
+    rc = -9 if timed_out else next((c for c in codes if c not in killed), 0)
     with open(log_path, "a") as log:
         log.write(f"[launcher] exit codes by process: {codes}\n")
     return RunResult(rc, time.monotonic() - start, log_path, timed_out)
+
+
+def _base_env(env: dict[str, str] | None) -> dict[str, str]:
+    base = dict(os.environ if env is None else env)
+    base.setdefault("OMP_NUM_THREADS", "1")
+    base.setdefault("PYTHONUNBUFFERED", "1")
+    return base
+
+
+def run_with_spares(script: str | os.PathLike, nproc: int, spares: int, script_args: list[str], *,
+                    log_path: str | os.PathLike, timeout_s: float,
+                    env: dict[str, str] | None = None,
+                    python: str = sys.executable) -> RunResult:
+    """Run ``script`` as ``nproc`` ranks plus ``spares`` warm spares, one process each, around a
+    store this process hosts (so it outlives every worker, as the store of a per-node agent
+    does). Nothing tears the job down when a worker dies: survivors replace it in place
+    (``megatron_moetion.adapter.inprocess``)."""
+    import torch.distributed as dist
+
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    base = _base_env(env)
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
+                LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MOETION_ACTIVE_WORLD_SIZE=str(nproc),
+                MOETION_SPARES=str(spares))
+    envs = [dict(base, MOETION_PROCESS_ID=str(pid), RANK=str(min(pid, nproc - 1)))
+            for pid in range(nproc + spares)]
+    try:
+        return _supervise(script, script_args, envs, Path(log_path), timeout_s, python)
+    finally:
+        del store
+
+
+def run_with_reserves(script: str | os.PathLike, nproc: int, reserves: int,
+                      script_args: list[str], *, log_path: str | os.PathLike, timeout_s: float,
+                      env: dict[str, str] | None = None,
+                      python: str = sys.executable) -> RunResult:
+    """Run ``script`` as Megatron's ``--inprocess-restart`` expects it: ``nproc + reserves``
+    processes with ``RANK`` / ``WORLD_SIZE`` counting both (nvidia-resiliency-ext's Wrapper
+    makes ``nproc`` of them active, and hosts its stores on initial rank 0, on the two ports
+    after ``MASTER_PORT``), as srun would start them. Nothing tears the job down when one dies."""
+    base = _base_env(env)
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port_block(3)),
+                WORLD_SIZE=str(nproc + reserves), TORCH_CPP_LOG_LEVEL="error")
+    envs = [dict(base, RANK=str(rank)) for rank in range(nproc + reserves)]
+    return _supervise(script, script_args, envs, Path(log_path), timeout_s, python)

@@ -27,6 +27,29 @@ applied = cpu_support.install()
 results["applied"] = applied
 
 
+@check("nvrx_version")
+def _():
+    from megatron.core.dist_checkpointing.strategies.nvrx import has_nvrx_async_support
+
+    try:
+        import nvidia_resiliency_ext as nvrx
+    except ImportError:
+        return  # nothing to hide
+    if getattr(nvrx, "__version__", None) is None:  # 0.4.x: Megatron must not use it
+        assert not has_nvrx_async_support()
+    import nvidia_resiliency_ext.inprocess  # noqa: F401  (the part MoEtion uses still imports)
+
+
+@check("inprocess_nccl_init")
+def _():
+    from megatron.training import initialize, inprocess_restart
+
+    assert initialize.inprocess_restart is inprocess_restart
+    assert inprocess_restart.maybe_force_nccl_backend_init("cpu") is None  # no CUDA call
+    original = cpu_support.originals["inprocess_restart.maybe_force_nccl_backend_init"]
+    assert original is not inprocess_restart.maybe_force_nccl_backend_init
+
+
 @check("paged_stash")
 def _():
     ps = sys.modules["megatron.core.transformer.moe.ops.paged_stash"]

@@ -11,14 +11,14 @@ RESUME = {"iteration": 10, "consumed_train_samples": 72, "flops": 0.0,
           "last_checkpoint_iteration": 8}
 
 
-def survivors_decide(store, world, spares, dead, states):
+def survivors_decide(store, world, spares, dead, states, generation=0):
     """Every survivor hands off and decides concurrently, as the ranks do."""
     out, threads = {}, []
 
     def one(rank):
         m = Membership(store, rank, world, spares, poll_s=0.001)
-        m.hand_off(0, rank, {"resume": states[rank]})
-        out[rank] = m.decide(0, rank, dead, timeout_s=5)
+        m.hand_off(generation, rank, {"resume": states[rank]})
+        out[rank] = m.decide(generation, rank, dead, timeout_s=5)
 
     for rank in states:
         threads.append(threading.Thread(target=one, args=(rank,)))
@@ -44,9 +44,10 @@ def test_second_failure_takes_the_second_spare_then_none_is_left():
     store = MemoryStore()
     survivors_decide(store, 4, 2, [2], {r: dict(RESUME) for r in (0, 1, 3)})
     later = dict(RESUME, iteration=20)
-    d = survivors_decide(store, 4, 2, [0], {r: dict(later) for r in (1, 2, 3)})[1]
+    # each failure is a generation of its own (the keys of the first stay in the store)
+    d = survivors_decide(store, 4, 2, [0], {r: dict(later) for r in (1, 2, 3)}, generation=1)[1]
     assert d.replaced_by == {0: 5}
-    d = survivors_decide(store, 4, 2, [3], {r: dict(later) for r in (0, 1, 2)})[0]
+    d = survivors_decide(store, 4, 2, [3], {r: dict(later) for r in (0, 1, 2)}, generation=2)[0]
     assert d.fallback.startswith("no warm spare left for rank 3") and not d.replaced_by
 
 

@@ -1,0 +1,256 @@
+"""Megatron's ``--inprocess-restart`` as the engine of in-place replacement.
+
+nvidia-resiliency-ext's in-process ``Wrapper`` does what a restart in place needs from outside
+the training code: a monitor process per rank (a killed rank, a rank whose main thread stops
+making progress: soft and hard timeouts, hung ranks are killed), the abort of every rank's
+process groups, the assignment of a warm reserve rank to the dead rank's place (``Tree`` with
+a ``RESERVE`` layer of ``--inprocess-active-world-size`` ranks), and calling the training
+function again in the same processes. MoEtion adds what the Wrapper lacks:
+
+* **kept state**: survivors re-enter holding their model, optimizer, windows, replicas and
+  logs; between two calls each suspends its session and moves it into the objects Megatron
+  builds next (``MoEtionSession.suspend`` / ``resume``); ``--load`` is skipped;
+* **where to resume**: every rank publishes where it stands in the application store; all
+  agree on one iteration or every rank falls back to the persistent checkpoint
+  (``decide_resume``); the reserve rank joins holding nothing, and the localized recovery
+  restores it from its buddies and neighbours;
+* **releasing blocked peers**: gloo has no abort, and a survivor blocked in a collective with a
+  survivor waits for its timeout; ``ReleasePeerConnections`` shuts this process's peer sockets
+  down (the stores' excepted) before the Wrapper destroys the groups;
+* **finalize on CPU**: Megatron's ``ThreadedFinalize`` needs CUDA; ``MegatronFinalize`` tears
+  Megatron's global state down and resets its module state in the main thread.
+
+What stays with the Wrapper and its limits: the rank hosting its store (initial rank 0) must
+not die (nvrx 0.4.1 hangs), and a hung rank is only released after ``--inprocess-soft-timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import typing
+from datetime import timedelta
+
+from megatron_moetion.adapter.failure_policy import EXIT_FATAL, Outcome
+from megatron_moetion.adapter.runtime import Runtime, install
+from megatron_moetion.replacement import shut_down_peer_connections
+
+logger = logging.getLogger(__name__)
+
+APP_STORE_PORT_OFFSET, WRAPPER_STORE_PORT_OFFSET = 1, 2  # as Megatron's inprocess_restart.py
+HANDOFF_TIMEOUT_S = 120.0
+
+
+def decide_resume(handoffs: dict[int, dict]) -> tuple[dict | None, str]:
+    """Where every rank resumes after a restart, from what each published (``{"resume": ...,
+    "initial_rank": ...}``; ``resume`` None: a rank that holds no training state, a reserve
+    rank just activated). Returns ``(resume, "")``, or ``(None, reason)`` for a fallback to the
+    persistent checkpoint; ``({}, "")`` when no rank holds state (the restart loads ``--load``)."""
+    kept = {r: h["resume"] for r, h in handoffs.items() if h.get("resume") is not None}
+    if not kept:
+        return {}, ""
+    if len(kept) + sum(1 for h in handoffs.values() if h.get("resume") is None) != len(handoffs):
+        return None, "a rank did not say where it stands"
+    inside = sorted(r for r, k in kept.items() if k.get("in_step"))
+    if inside:
+        return None, (f"ranks {inside} were inside an optimizer step the failure interrupted "
+                      f"(their state may be partly stepped)")
+    after = sorted(r for r, k in kept.items() if k.get("after_step"))
+    if after:
+        return None, (f"ranks {after} stopped after an optimizer step the failure interrupted; "
+                      f"in place, training resumes only from the start of an iteration")
+    import json
+
+    if len({json.dumps(k, sort_keys=True) for k in kept.values()}) != 1:
+        where = {r: k.get("iteration") for r, k in sorted(kept.items())}
+        return None, (f"the survivors stopped at different points of training (resume "
+                      f"iteration by rank: {where})")
+    return next(iter(kept.values())), ""
+
+
+def _inprocess():
+    import nvidia_resiliency_ext.inprocess as inprocess
+
+    return inprocess
+
+
+class _Hooks:
+    """The Wrapper's abort and finalize steps MoEtion adds (built lazily: nvrx is optional)."""
+
+    @staticmethod
+    def release_peers(ports: tuple[int, ...]):
+        class ReleasePeerConnections(_inprocess().abort.Abort):
+            def __call__(self, state):
+                shut_down_peer_connections(*ports)
+                return state
+
+        return ReleasePeerConnections()
+
+    @staticmethod
+    def finalize():
+        class MegatronFinalize(_inprocess().finalize.Finalize):
+            def __call__(self, state):
+                from megatron.training.training import destroy_global_state
+
+                try:
+                    destroy_global_state()
+                except Exception:  # noqa: BLE001 - the next call rebuilds all of it
+                    logger.exception("[moetion] tearing Megatron's global state down failed")
+                return state
+
+        return MegatronFinalize()
+
+
+def build_wrapper(args, master_port: int):
+    """The Wrapper for Megatron's ``--inprocess-*`` arguments (timeouts as Megatron passes
+    them), with MoEtion's abort and finalize steps and rank granularity."""
+    import torch
+
+    inprocess = _inprocess()
+    active = int(args.inprocess_active_world_size)
+    layers = [inprocess.rank_assignment.Layer(
+        min_ranks=active, max_ranks=active, flag=inprocess.rank_assignment.LayerFlag.RESERVE)]
+    if args.inprocess_granularity == "node" and torch.cuda.is_available():
+        import socket
+
+        count = torch.cuda.device_count()
+        layers.append(inprocess.rank_assignment.Layer(
+            min_ranks=count, max_ranks=count, key_or_fn=lambda _: socket.gethostname(),
+            flag=inprocess.rank_assignment.LayerFlag.RESERVE))
+    stores = (master_port, master_port + APP_STORE_PORT_OFFSET,
+              master_port + WRAPPER_STORE_PORT_OFFSET)
+    abort = inprocess.Compose(_Hooks.release_peers(stores),
+                              inprocess.abort.AbortTorchDistributed())
+    health = (inprocess.health_check.CudaHealthCheck(timeout=timedelta(seconds=10))
+              if torch.cuda.is_available() else None)
+
+    def seconds(name):
+        return timedelta(seconds=float(getattr(args, f"inprocess_{name}")))
+
+    return inprocess.Wrapper(
+        store_kwargs={"timeout": timedelta(seconds=300),
+                      "port": master_port + WRAPPER_STORE_PORT_OFFSET},
+        initialize=inprocess.initialize.RetryController(
+            min_world_size=active, max_iterations=getattr(args, "inprocess_max_iterations", None)),
+        abort=abort, finalize=_Hooks.finalize(), health_check=health,
+        rank_assignment=inprocess.rank_assignment.Tree(layers=layers),
+        heartbeat_interval=seconds("heartbeat_interval"),
+        heartbeat_timeout=seconds("heartbeat_timeout"),
+        barrier_timeout=seconds("barrier_timeout"),
+        completion_timeout=seconds("completion_timeout"),
+        monitor_process_interval=seconds("monitor_process_interval"),
+        monitor_thread_interval=seconds("monitor_thread_interval"),
+        progress_watchdog_interval=seconds("progress_watchdog_interval"),
+        last_call_wait=seconds("last_call_wait"), soft_timeout=seconds("soft_timeout"),
+        hard_timeout=seconds("hard_timeout"),
+        termination_grace_time=seconds("termination_grace_time"), enabled=True)
+
+
+class _Generations:
+    """The kept-state handover between two calls of the wrapped function (one process)."""
+
+    def __init__(self, runtime: Runtime, app_store, fresh_module_state: dict):
+        self.runtime, self.app_store, self.fresh = runtime, app_store, fresh_module_state
+
+    def enter(self, call_wrapper) -> None:
+        """At the start of call ``iteration`` > 0: suspend what this rank kept, agree with
+        every rank where to resume, and set the runtime up for it (or fall back)."""
+        import json
+        import time
+
+        from megatron_moetion.adapter.inprocess import restore_module_state
+
+        t0 = time.monotonic()
+        iteration, state = call_wrapper.iteration, call_wrapper.state
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        restore_module_state(self.fresh)
+        session = self.runtime.session
+        kept = self.runtime.suspend_session() if session is not None else None
+        key = f"moetion/nvrx/gen{iteration}/handoff/"
+        self.app_store.set(key + str(rank), json.dumps(
+            {"resume": kept, "initial_rank": state.initial_rank}))
+        self.app_store.wait([key + str(r) for r in range(world)],
+                            timedelta(seconds=HANDOFF_TIMEOUT_S))
+        handoffs = {r: json.loads(self.app_store.get(key + str(r))) for r in range(world)}
+        resume, reason = decide_resume(handoffs)
+        joined = {r: h["initial_rank"] for r, h in handoffs.items() if h["resume"] is None}
+        if session is not None:
+            outcome = Outcome.REPLACE_IN_PLACE if resume is not None else \
+                session.policy.fallback()
+            report = session.policy.report(
+                cause="process_failure", outcome=outcome, failed=sorted(joined),
+                fault_iteration=session.iteration,
+                reason=f"restart {iteration} of --inprocess-restart",
+                fallback_reason=reason or None, generation=iteration, engine="nvrx",
+                replaced_by={str(r): i for r, i in joined.items()},
+                seconds_to_decision=time.monotonic() - t0)
+            session.policy.metrics.write({"rank": rank, **report})
+            if resume is None:
+                if rank == min(r for r, h in handoffs.items() if h["resume"] is not None):
+                    session.policy.record(report)
+                session.policy.exit(outcome, f"rank {rank}: {reason}; "
+                                             f"{session.policy.describe(outcome)}")
+        if resume is None:  # a reserve rank: the survivors decided to fall back
+            from megatron_moetion.adapter.failure_policy import FailurePolicy
+
+            FailurePolicy.exit(Outcome.RESTART_FROM_CHECKPOINT, f"rank {rank}: {reason}")
+        if not resume:
+            return  # nobody kept state: a plain restart from --load
+        if session is not None:
+            self.runtime.resume_next_generation(resume)
+        else:
+            self.runtime.join_next_generation(resume)
+
+
+def run(pretrain_once: typing.Callable[[object], None], args) -> None:
+    """Run ``pretrain_once(store)`` under nvidia-resiliency-ext's Wrapper (``args``: Megatron's
+    arguments, for the ``--inprocess-*`` settings). Launch one process per rank and reserve rank
+    with ``RANK`` / ``WORLD_SIZE`` counting both, ``MASTER_ADDR`` / ``MASTER_PORT`` (the stores
+    take the two ports after it)."""
+    import torch.distributed as dist
+
+    from megatron_moetion.adapter.inprocess import module_state
+
+    inprocess = _inprocess()
+    runtime = install(Runtime(restart_engine="nvrx"))
+    port = int(os.environ["MASTER_PORT"])
+    app_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], port + APP_STORE_PORT_OFFSET,
+        int(os.environ["WORLD_SIZE"]), is_master=int(os.environ["RANK"]) == 0,
+        timeout=timedelta(seconds=300), wait_for_workers=True, use_libuv=True)
+    generations = _Generations(runtime, app_store, module_state())
+
+    def train(call_wrapper=None):
+        if call_wrapper.iteration > 0:
+            generations.enter(call_wrapper)
+        pretrain_once(dist.PrefixStore(f"moetion/gen{call_wrapper.iteration}", app_store))
+
+    # the Wrapper hands its CallWrapper to a parameter annotated exactly so
+    train.__annotations__["call_wrapper"] = typing.Optional[inprocess.CallWrapper]  # noqa: UP045
+    try:
+        build_wrapper(args, port)(train)()
+    except (inprocess.exception.RestartAbort, inprocess.rank_assignment.RankDiscarded) as exc:
+        _no_reserve_left(runtime, exc)
+
+
+def _no_reserve_left(runtime: Runtime, exc: BaseException) -> None:
+    """The Wrapper gave up (no reserve rank left to fill the active world): the policy's
+    fallback, with one line saying what died and what would have saved the run."""
+    session = runtime.session or runtime.suspended
+    if session is None:
+        raise exc
+    policy = session.policy
+    outcome = policy.fallback()
+    report = policy.report(cause="process_failure", outcome=outcome, failed=[],
+                           fault_iteration=session.iteration, reason=str(exc),
+                           fallback_reason="no reserve rank left (--inprocess-active-world-size"
+                                           " plus reserves)", engine="nvrx")
+    policy.metrics.write({"rank": policy.rank, **report})
+    if policy.rank == 0:  # it hosts the Wrapper's store: it is alive
+        policy.record(report)
+    extra = "" if outcome is Outcome.RESTART_FROM_CHECKPOINT else (
+        "; more reserve ranks or a persistent checkpoint (--save, --save-interval) would have "
+        "saved it")
+    policy.exit(outcome, f"rank {policy.rank}: a rank died and no reserve rank is left to take "
+                         f"its place; {policy.describe(outcome)}{extra}")
+    raise SystemExit(EXIT_FATAL)  # not reached

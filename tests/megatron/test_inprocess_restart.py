@@ -1,0 +1,113 @@
+"""Megatron's ``--inprocess-restart`` replaces a dead rank while the survivors keep their state.
+
+Real processes as srun starts them (one per rank and reserve rank, ``RANK``/``WORLD_SIZE``
+counting both); nvidia-resiliency-ext's in-process ``Wrapper`` (0.4.1 here, Python 3.11)
+detects the death with its monitor processes, aborts every rank's process groups, activates a
+reserve rank in the dead rank's place and calls training again. Survivors move their kept
+state into the new objects (no ``--load``, no replay on their stage), the reserve rank is
+restored by the localized recovery, and the run ends bitwise identical to the fault-free one.
+
+`make test` kills a middle stage; `make test-extended` adds the last stage during replication,
+a second kill after the first replacement, a rank that stops answering (the Wrapper's soft
+timeout), and a kill with no reserve left (the fallback to the persistent checkpoint).
+"""
+
+import pytest
+from test_process_failures import PP4, processes_mentioning
+
+from megatron_moetion.adapter.nvrx_restart import decide_resume
+from megatron_moetion.metrics import read_metrics
+from megatron_moetion.oracle import compare_dumps
+
+pytestmark = [pytest.mark.megatron, pytest.mark.distributed, pytest.mark.timeout(500)]
+
+
+def run_restarted(run_ok, tmp_path, plan, base=PP4, reserves=1, flags=(), timeout_s=400,
+                  max_restarts=0):
+    cfg = base.replace(fault_plan=plan, save_interval=4, spares=reserves,
+                       restart_engine="nvrx").with_flags(*flags)
+    out = run_ok(cfg, tmp_path, timeout_s=timeout_s, max_restarts=max_restarts)
+    assert processes_mentioning(tmp_path) == []  # monitor processes included
+    records = [r for recs in read_metrics(out / "metrics").values() for r in recs]
+    return out, records
+
+
+def restarts(records):
+    return [r for r in records if r.get("engine") == "nvrx"]
+
+
+def recoveries(records):
+    return [r for r in records if r.get("kind") == "recovery" and "ranks_paused" in r]
+
+
+def test_killed_middle_stage_is_replaced_by_a_reserve_rank(run_cache, run_ok, tmp_path):
+    out, records = run_restarted(run_ok, tmp_path, "rank=2,iter=10,phase=fwd,kind=kill")
+    result = compare_dumps(run_cache.get(PP4) / "oracle", out / "oracle")
+    assert result.identical, result
+    reports = restarts(records)
+    assert sorted(r["rank"] for r in reports) == [0, 1, 3]  # every survivor, none reloaded
+    for r in reports:
+        assert r["outcome"] == "replace_in_place" and r["failed"] == [2]
+        assert r["replaced_by"] == {"2": 4} and r["generation"] == 1
+    assert not [r for r in records if r.get("kind") == "restart"]  # no global rollback
+    (rec,) = {r["fault_iteration"]: r for r in recoveries(records)}.values()
+    assert rec["failed"] == [2] and rec["ranks_replaying"] == [2]
+    assert rec["ranks_paused"] == [0, 1, 3]
+
+
+@pytest.mark.extended
+def test_last_stage_killed_during_replication(run_cache, run_ok, tmp_path):
+    out, records = run_restarted(run_ok, tmp_path, "rank=3,iter=7,phase=replication,kind=kill")
+    assert compare_dumps(run_cache.get(PP4) / "oracle", out / "oracle").identical
+    assert {r["failed"][0] for r in restarts(records)} == {3}
+
+
+@pytest.mark.extended
+def test_second_kill_after_the_first_replacement(run_cache, run_ok, tmp_path):
+    base = PP4.replace(train_iters=16)
+    out, records = run_restarted(run_ok, tmp_path, "rank=2,iter=7,phase=fwd,kind=kill;"
+                                 "rank=1,iter=12,phase=bwd,kind=kill", base=base, reserves=2)
+    assert compare_dumps(run_cache.get(base) / "oracle", out / "oracle").identical
+    by_generation = {r["generation"]: r for r in restarts(records)}
+    first, second = by_generation[1]["replaced_by"], by_generation[2]["replaced_by"]
+    assert list(first) == ["2"] and list(second) == ["1"]
+    assert {first["2"], second["1"]} == {4, 5}  # each reserve rank once
+
+
+@pytest.mark.extended
+def test_rank_that_stops_answering_is_replaced(run_cache, run_ok, tmp_path):
+    # the Wrapper's monitor sees no progress for the soft timeout; the hard timeout kills it
+    flags = ("--inprocess-soft-timeout", "20", "--inprocess-hard-timeout", "30",
+             "--inprocess-heartbeat-interval", "5", "--inprocess-heartbeat-timeout", "25",
+             "--inprocess-barrier-timeout", "120")
+    out, records = run_restarted(run_ok, tmp_path, "rank=2,iter=10,phase=step,kind=hang",
+                                 flags=flags)
+    assert compare_dumps(run_cache.get(PP4) / "oracle", out / "oracle").identical
+    assert {r["failed"][0] for r in restarts(records)} == {2}
+
+
+@pytest.mark.extended
+def test_no_reserve_left_falls_back_to_the_checkpoint(run_cache, run_ok, tmp_path):
+    base = PP4.replace(train_iters=16)
+    out, records = run_restarted(run_ok, tmp_path, "rank=2,iter=7,phase=fwd,kind=kill;"
+                                 "rank=1,iter=11,phase=fwd,kind=kill", base=base,
+                                 max_restarts=1)
+    assert compare_dumps(run_cache.get(base) / "oracle", out / "oracle").identical
+    fallbacks = [r for r in records if r.get("fallback")]
+    assert fallbacks and all("no reserve rank left" in r["fallback_reason"] for r in fallbacks)
+    assert [r for r in records if r.get("kind") == "restart"]  # the rollback is reported
+
+
+def test_where_every_rank_resumes():
+    kept = {"iteration": 10, "next_window_id": 3}
+    assert decide_resume({0: {"resume": kept}, 1: {"resume": None}, 2: {"resume": kept}}) == (
+        kept, "")
+    assert decide_resume({0: {"resume": None}, 1: {"resume": None}}) == ({}, "")
+    resume, why = decide_resume({0: {"resume": kept}, 1: {"resume": {"iteration": 11,
+                                                                      "after_step": True}}})
+    assert resume is None and "stopped after an optimizer step" in why
+    resume, why = decide_resume({0: {"resume": kept}, 1: {"resume": {"iteration": 10,
+                                                                      "in_step": True}}})
+    assert resume is None and "inside an optimizer step" in why
+    resume, why = decide_resume({0: {"resume": kept}, 1: {"resume": {"iteration": 9}}})
+    assert resume is None and "different points" in why
