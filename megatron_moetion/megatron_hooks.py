@@ -5,6 +5,8 @@ In the style of ``megatron/training/ft_integration.py``: every hook does nothing
 which also works without MoEtion so that MoEtion-on and MoEtion-off runs can be compared).
 Call order, on every rank::
 
+    wrap_for_inprocess_restart(pretrain)         # inprocess_restart.py, before the arguments
+                                                 # are parsed (pretrain_gpt.py's main)
     add_arguments(parser)                        # arguments.py, while building the parser
     validate_args(args)                          # arguments.py, end of validate_args(): bad
                                                  # values, unsupported configurations refused
@@ -61,6 +63,16 @@ def prepare_arguments(args) -> None:
     """Call between parsing the arguments and ``pretrain()`` (the in-process replacement's
     entry does): a generation after a replacement skips ``--load``."""
     _runtime.current().prepare_arguments(args)
+
+
+def wrap_for_inprocess_restart(pretrain):
+    """First thing in Megatron's ``maybe_wrap_for_inprocess_restart(pretrain)``: with
+    ``--inprocess-restart`` and ``--moetion``, ``(pretrain, store)`` wrapped in
+    nvidia-resiliency-ext's Wrapper with MoEtion's kept-state handover
+    (``adapter.nvrx_restart``); None where Megatron's own wrapping applies."""
+    from megatron_moetion.adapter.nvrx_restart import wrap_pretrain
+
+    return wrap_pretrain(pretrain)
 
 
 def wrap_forward_backward_func(forward_backward_func):

@@ -101,6 +101,13 @@ class StoreAbort:
         gc.collect()  # the last references to the old groups go: their sockets close
 
 
+def spares_started() -> bool:
+    """Whether the launcher started MoEtion's warm spares (``testing.launch.run_with_spares``)."""
+    from megatron_moetion.replacement import ENV_PROCESS_ID
+
+    return ENV_PROCESS_ID in os.environ
+
+
 def _connect_store():
     from datetime import timedelta
 

@@ -19,6 +19,10 @@ function again in the same processes. MoEtion adds what the Wrapper lacks:
   down (the stores' excepted) before the Wrapper destroys the groups;
 * **finalize on CPU**: Megatron's ``ThreadedFinalize`` needs CUDA; ``MegatronFinalize`` tears
   Megatron's global state down and resets its module state in the main thread.
+* **Megatron's arguments per call**: ``pretrain_gpt.py`` parses them once, outside the wrapped
+  ``pretrain()``; ``wrap_pretrain`` (called by the patched ``maybe_wrap_for_inprocess_restart``)
+  lets that validation see the active world and re-sets them per call from the rank and size
+  the Wrapper assigned.
 
 What stays with the Wrapper and its limits: the rank hosting its store (initial rank 0) must
 not die (nvrx 0.4.1 hangs), and a hung rank is only released after ``--inprocess-soft-timeout``.
@@ -202,35 +206,100 @@ class _Generations:
             self.runtime.join_next_generation(resume)
 
 
-def run(pretrain_once: typing.Callable[[object], None], args) -> None:
-    """Run ``pretrain_once(store)`` under nvidia-resiliency-ext's Wrapper (``args``: Megatron's
-    arguments, for the ``--inprocess-*`` settings). Launch one process per rank and reserve rank
-    with ``RANK`` / ``WORLD_SIZE`` counting both, ``MASTER_ADDR`` / ``MASTER_PORT`` (the stores
-    take the two ports after it)."""
-    import torch.distributed as dist
+def wrap_pretrain(pretrain):
+    """Megatron's ``maybe_wrap_for_inprocess_restart(pretrain)`` with ``--moetion``: returns
+    ``(wrapped pretrain, store)`` as Megatron's does, or None where Megatron's own applies (no
+    ``--inprocess-restart``, or MoEtion off). The patched ``inprocess_restart.py`` calls it
+    first, so ``pretrain_gpt.py`` runs unchanged: launch one process per rank and reserve rank
+    with ``RANK`` / ``WORLD_SIZE`` counting both, ``MASTER_ADDR`` / ``MASTER_PORT`` (the
+    stores take the two ports after it).
 
-    from megatron_moetion.adapter.inprocess import module_state
+    Megatron parses and validates its arguments once, outside the wrapped ``pretrain()``, from
+    ``RANK`` / ``WORLD_SIZE``: they are set to the active world for that (validation checks the
+    parallel sizes against it) and back to the launcher's before the Wrapper starts; each call
+    then re-sets Megatron's global arguments from the rank and size the Wrapper assigned."""
+    from megatron.training.arguments import parse_args
 
-    inprocess = _inprocess()
-    runtime = install(Runtime(restart_engine="nvrx"))
-    port = int(os.environ["MASTER_PORT"])
-    app_store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], port + APP_STORE_PORT_OFFSET,
-        int(os.environ["WORLD_SIZE"]), is_master=int(os.environ["RANK"]) == 0,
-        timeout=timedelta(seconds=300), wait_for_workers=True, use_libuv=True)
-    generations = _Generations(runtime, app_store, module_state())
+    from megatron_moetion import config
 
-    def train(call_wrapper=None):
-        if call_wrapper.iteration > 0:
-            generations.enter(call_wrapper)
-        pretrain_once(dist.PrefixStore(f"moetion/gen{call_wrapper.iteration}", app_store))
+    args = parse_args(ignore_unknown_args=True)
+    if not args.inprocess_restart or not config.from_args(args).enabled:
+        return None
+    launcher = {key: os.environ[key] for key in ("RANK", "WORLD_SIZE")}
+    active = int(args.inprocess_active_world_size)
+    os.environ.update(RANK=str(int(launcher["RANK"]) % active), WORLD_SIZE=str(active))
+    runner = _Runner(install(Runtime(restart_engine="nvrx")), args, launcher)
+    return runner.wrap(pretrain), runner.app_store
 
-    # the Wrapper hands its CallWrapper to a parameter annotated exactly so
-    train.__annotations__["call_wrapper"] = typing.Optional[inprocess.CallWrapper]  # noqa: UP045
-    try:
-        build_wrapper(args, port)(train)()
-    except (inprocess.exception.RestartAbort, inprocess.rank_assignment.RankDiscarded) as exc:
-        _no_reserve_left(runtime, exc)
+
+class _Runner:
+    """One process's run under the Wrapper (see ``wrap_pretrain``)."""
+
+    def __init__(self, runtime: Runtime, args, launcher: dict):
+        import torch.distributed as dist
+
+        from megatron_moetion.adapter.inprocess import module_state
+
+        self.runtime, self.args, self.launcher = runtime, args, launcher
+        self.port = int(os.environ["MASTER_PORT"])
+        self.app_store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], self.port + APP_STORE_PORT_OFFSET,
+            int(launcher["WORLD_SIZE"]), is_master=int(launcher["RANK"]) == 0,
+            timeout=timedelta(seconds=300), wait_for_workers=True, use_libuv=True)
+        self.generations = _Generations(runtime, self.app_store, module_state())
+        self.first_args = None
+
+    def _megatron_args(self):
+        """Megatron's global arguments for this call: the rank and size the Wrapper assigned,
+        set up again where a finalize tore them down (a reserve rank runs the finalize of
+        every restart too, before its first call)."""
+        import copy
+
+        from megatron.training import get_args
+        from megatron.training.global_vars import set_global_variables
+
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        try:
+            args = get_args()
+        except AssertionError:
+            args = copy.deepcopy(self.first_args)
+            args.rank, args.world_size = rank, world
+            set_global_variables(args)
+            return args
+        args.rank, args.world_size = rank, world
+        return args
+
+    def wrap(self, pretrain):
+        import torch.distributed as dist
+
+        inprocess = _inprocess()
+
+        def train(*args, call_wrapper=None, **kwargs):
+            if call_wrapper.iteration > 0:
+                self.generations.enter(call_wrapper)
+            self.runtime.prepare_arguments(self._megatron_args())
+            kwargs["store"] = dist.PrefixStore(f"moetion/gen{call_wrapper.iteration}",
+                                               self.app_store)
+            return pretrain(*args, **kwargs)
+
+        # the Wrapper hands its CallWrapper to a parameter annotated exactly so
+        train.__annotations__["call_wrapper"] = typing.Optional[inprocess.CallWrapper]  # noqa: UP045
+        wrapped = build_wrapper(self.args, self.port)(train)
+
+        def run(*args, **kwargs):
+            import copy
+
+            from megatron.training import get_args
+
+            self.first_args = copy.deepcopy(get_args())  # as the caller parsed them
+            os.environ.update(self.launcher)  # the Wrapper counts the reserve ranks
+            try:
+                return wrapped(*args, **kwargs)
+            except (inprocess.exception.RestartAbort,
+                    inprocess.rank_assignment.RankDiscarded) as exc:
+                _no_reserve_left(self.runtime, exc)
+
+        return run
 
 
 def _no_reserve_left(runtime: Runtime, exc: BaseException) -> None:

@@ -70,12 +70,12 @@ def check_supported(args, cfg: MoEtionConfig, restart_engine: str | None = None)
     if getattr(args, "optimizer", "adam") not in ("adam", "sgd"):
         refuse(f"--optimizer {args.optimizer}", "only Adam and SGD state are captured")
     if getattr(args, "inprocess_restart", False) and restart_engine != "nvrx":
-        refuse("--inprocess-restart outside MoEtion's entry",
-               "Megatron-LM core_v0.19.0's own wiring (pretrain_gpt.py's "
-               "maybe_wrap_for_inprocess_restart) calls pretrain() again without its arguments "
-               "and drops the call wrapper, so survivors could not keep their state; start "
-               "training through megatron_moetion.adapter.nvrx_restart.run (the CPU driver "
-               "does), which runs nvidia-resiliency-ext's Wrapper with MoEtion's handover")
+        refuse("--inprocess-restart without the wrapped pretrain()",
+               "this entry point did not call megatron.training.inprocess_restart."
+               "maybe_wrap_for_inprocess_restart(pretrain) before parsing the arguments (as "
+               "pretrain_gpt.py does), so nvidia-resiliency-ext's Wrapper runs without "
+               "MoEtion's kept-state handover (adapter.nvrx_restart) and a restart would lose "
+               "the survivors' state")
     if getattr(args, "non_persistent_ckpt_type", None):
         refuse(f"--non-persistent-ckpt-type {args.non_persistent_ckpt_type}",
                "a job restarted from a non-persistent checkpoint resumes without MoEtion's "

@@ -143,6 +143,8 @@ def main() -> None:
             f"{training.__file__} is not patched for MoEtion; run `make patched-megatron` and "
             f"put build/megatron-patched first on PYTHONPATH (python -m megatron_moetion.demo "
             f"does both)")
+    from megatron.training import inprocess_restart
+
     from megatron_moetion.adapter import inprocess
 
     def pretrain_once(store):
@@ -152,14 +154,16 @@ def main() -> None:
                  ModelType.encoder_or_decoder, forward_step, model_provider=model_provider,
                  store=store)
 
-    if "--inprocess-restart" in sys.argv:  # Megatron's own: nvidia-resiliency-ext's Wrapper
-        from megatron.training.arguments import parse_args
-
-        from megatron_moetion.adapter import nvrx_restart
-
-        nvrx_restart.run(pretrain_once, parse_args(ignore_unknown_args=True))
-    else:
-        inprocess.run(pretrain_once)  # one plain call unless the launcher started warm spares
+    if inprocess.spares_started():  # MoEtion's own warm spares (adapter.inprocess)
+        inprocess.run(pretrain_once)
+        return
+    # as pretrain_gpt.py's main: --inprocess-restart goes through the patched
+    # maybe_wrap_for_inprocess_restart (nvidia-resiliency-ext's Wrapper, adapter.nvrx_restart)
+    wrapped, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
+    args = parse_and_validate_args(args_defaults={})
+    wrapped(pretrain_cfg_container_from_args(args), train_valid_test_datasets_provider,
+            ModelType.encoder_or_decoder, forward_step, model_provider=model_provider,
+            store=store)
 
 
 if __name__ == "__main__":

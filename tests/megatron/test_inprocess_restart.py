@@ -55,11 +55,22 @@ def test_killed_middle_stage_is_replaced_by_a_reserve_rank(run_cache, run_ok, tm
     assert rec["ranks_paused"] == [0, 1, 3]
 
 
+# a rank that stops answering: the Wrapper's monitor sees no progress for the soft timeout, and
+# the hard timeout kills it
+HANG_TIMEOUTS = ("--inprocess-soft-timeout", "20", "--inprocess-hard-timeout", "30",
+                 "--inprocess-heartbeat-interval", "5", "--inprocess-heartbeat-timeout", "25",
+                 "--inprocess-barrier-timeout", "120")
+
+
 @pytest.mark.extended
-def test_last_stage_killed_during_replication(run_cache, run_ok, tmp_path):
-    out, records = run_restarted(run_ok, tmp_path, "rank=3,iter=7,phase=replication,kind=kill")
+@pytest.mark.parametrize("plan, flags, dead", [
+    ("rank=3,iter=7,phase=replication,kind=kill", (), 3),
+    ("rank=2,iter=10,phase=step,kind=hang", HANG_TIMEOUTS, 2),
+], ids=["last_stage_killed_during_replication", "rank_that_stops_answering"])
+def test_single_failure_is_replaced(run_cache, run_ok, tmp_path, plan, flags, dead):
+    out, records = run_restarted(run_ok, tmp_path, plan, flags=flags)
     assert compare_dumps(run_cache.get(PP4) / "oracle", out / "oracle").identical
-    assert {r["failed"][0] for r in restarts(records)} == {3}
+    assert {r["failed"][0] for r in restarts(records)} == {dead}
 
 
 @pytest.mark.extended
@@ -72,18 +83,6 @@ def test_second_kill_after_the_first_replacement(run_cache, run_ok, tmp_path):
     first, second = by_generation[1]["replaced_by"], by_generation[2]["replaced_by"]
     assert list(first) == ["2"] and list(second) == ["1"]
     assert {first["2"], second["1"]} == {4, 5}  # each reserve rank once
-
-
-@pytest.mark.extended
-def test_rank_that_stops_answering_is_replaced(run_cache, run_ok, tmp_path):
-    # the Wrapper's monitor sees no progress for the soft timeout; the hard timeout kills it
-    flags = ("--inprocess-soft-timeout", "20", "--inprocess-hard-timeout", "30",
-             "--inprocess-heartbeat-interval", "5", "--inprocess-heartbeat-timeout", "25",
-             "--inprocess-barrier-timeout", "120")
-    out, records = run_restarted(run_ok, tmp_path, "rank=2,iter=10,phase=step,kind=hang",
-                                 flags=flags)
-    assert compare_dumps(run_cache.get(PP4) / "oracle", out / "oracle").identical
-    assert {r["failed"][0] for r in restarts(records)} == {2}
 
 
 @pytest.mark.extended

@@ -43,9 +43,9 @@ CASES = {
                   [("--mtp-num-layers", "config.mtp_num_layers is set (even with untied "
                                         "embeddings) finalize_model_grads._allreduce_word_")]),
     "fp8": (BASE, ["--fp8-format", "hybrid"], [], [("--fp8-format", "scaling state")]),
-    "inprocess restart outside MoEtion's entry": (
+    "inprocess restart without the wrapped pretrain": (
         BASE, ["--inprocess-restart"], [],
-        [("--inprocess-restart outside MoEtion's entry", "without its arguments")]),
+        [("--inprocess-restart without the wrapped pretrain()", "maybe_wrap_for_inprocess")]),
     "non-persistent checkpoints": (BASE, ["--non-persistent-ckpt-type", "global",
                                           "--non-persistent-save-interval", "4"], [],
                                    [("--non-persistent-ckpt-type global", "per-rank RNG")]),
