@@ -1,15 +1,11 @@
 """The per-rank MoEtion session: its components, wired to Megatron's training loop.
 
-A session owns four components, each with its own state, taking what it needs explicitly and
+A session owns its components, each with its own state, taking what it needs explicitly and
 following the job from one generation to the next with ``release()`` / ``rebind(...)``:
-
-* ``RankContext`` (per generation): process groups, topology, transport;
-* ``SnapshotPipeline``: schedule, windows, copies, buddy replication, persistence;
-* ``UpstreamLog``: the logs of what the rank sent and read, and replay routing;
-* ``RecoveryCoordinator``: the localized recovery, under the ``FailurePolicy``;
-
-plus what points into Megatron's objects (``MegatronObjects``, per generation), the fault
-injector, the failure detector and the metrics writer.
+``RankContext`` and ``MegatronObjects`` (per generation), ``SnapshotPipeline`` (schedule,
+windows, copies, replication, persistence), ``UpstreamLog`` (logs and replay routing),
+``RecoveryCoordinator`` (under the ``FailurePolicy``); plus the fault injector, the failure
+detector and the metrics writer.
 
 Per iteration ``t`` (see ``megatron_hooks`` for where Megatron calls each method):
 
@@ -25,8 +21,8 @@ Per iteration ``t`` (see ``megatron_hooks`` for where Megatron calls each method
   is captured (ACTIVE operators' full state, FROZEN operators' compute weights);
 * ``on_train_step_end(t)``: counters and metrics.
 
-Across an in-place replacement (``adapter.inprocess``): ``suspend`` on a survivor of the failed
-generation, ``resume`` in the next one; a warm spare's fresh session is built with ``joining``.
+Across an in-place replacement (``adapter.inprocess``, ``adapter.nvrx_restart``): ``suspend`` on
+a survivor of the failed generation, ``resume`` in the next one; a spare joins (``joining``).
 """
 
 from __future__ import annotations
@@ -46,6 +42,7 @@ from megatron_moetion.adapter.fault_injection import (
     firing_forward_step,
     terminate_self,
 )
+from megatron_moetion.adapter.ft_sections import outside_the_step_section
 from megatron_moetion.adapter.megatron_objects import MegatronObjects
 from megatron_moetion.adapter.optimizer_layout import (
     ensure_optimizer_state,
@@ -215,8 +212,10 @@ class MoEtionSession:
             self._stall += self.pipeline.wait_for_copies()
             self.in_step = True  # the optimizer step comes next
             return False
-        report = self.recovery.recover(self.agreed.failed, self.iteration, self.start_state,
-                                       self.agreed, template, forward_backward_func)
+        with outside_the_step_section():  # --enable-ft-package: a recovery is not a step
+            report = self.recovery.recover(self.agreed.failed, self.iteration,
+                                           self.start_state, self.agreed, template,
+                                           forward_backward_func)
         self.recoveries.append(report)
         self.policy.emit(report)
         self.objects.zero_grads()
