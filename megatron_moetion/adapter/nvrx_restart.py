@@ -30,12 +30,14 @@ not die (nvrx 0.4.1 hangs), and a hung rank is only released after ``--inprocess
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 import typing
 from datetime import timedelta
 
-from megatron_moetion.adapter.failure_policy import EXIT_FATAL, Outcome
+from megatron_moetion.adapter.failure_policy import FailurePolicy, Outcome
 from megatron_moetion.adapter.runtime import Runtime, install
 from megatron_moetion.replacement import shut_down_peer_connections
 
@@ -53,8 +55,6 @@ def decide_resume(handoffs: dict[int, dict]) -> tuple[dict | None, str]:
     kept = {r: h["resume"] for r, h in handoffs.items() if h.get("resume") is not None}
     if not kept:
         return {}, ""
-    if len(kept) + sum(1 for h in handoffs.values() if h.get("resume") is None) != len(handoffs):
-        return None, "a rank did not say where it stands"
     inside = sorted(r for r, k in kept.items() if k.get("in_step"))
     if inside:
         return None, (f"ranks {inside} were inside an optimizer step the failure interrupted "
@@ -63,8 +63,6 @@ def decide_resume(handoffs: dict[int, dict]) -> tuple[dict | None, str]:
     if after:
         return None, (f"ranks {after} stopped after an optimizer step the failure interrupted; "
                       f"in place, training resumes only from the start of an iteration")
-    import json
-
     if len({json.dumps(k, sort_keys=True) for k in kept.values()}) != 1:
         where = {r: k.get("iteration") for r, k in sorted(kept.items())}
         return None, (f"the survivors stopped at different points of training (resume "
@@ -159,9 +157,6 @@ class _Generations:
     def enter(self, call_wrapper) -> None:
         """At the start of call ``iteration`` > 0: suspend what this rank kept, agree with
         every rank where to resume, and set the runtime up for it (or fall back)."""
-        import json
-        import time
-
         from megatron_moetion.adapter.inprocess import restore_module_state
 
         t0 = time.monotonic()
@@ -195,8 +190,6 @@ class _Generations:
                 session.policy.exit(outcome, f"rank {rank}: {reason}; "
                                              f"{session.policy.describe(outcome)}")
         if resume is None:  # a reserve rank: the survivors decided to fall back
-            from megatron_moetion.adapter.failure_policy import FailurePolicy
-
             FailurePolicy.exit(Outcome.RESTART_FROM_CHECKPOINT, f"rank {rank}: {reason}")
         if not resume:
             return  # nobody kept state: a plain restart from --load
@@ -322,4 +315,3 @@ def _no_reserve_left(runtime: Runtime, exc: BaseException) -> None:
         "saved it")
     policy.exit(outcome, f"rank {policy.rank}: a rank died and no reserve rank is left to take "
                          f"its place; {policy.describe(outcome)}{extra}")
-    raise SystemExit(EXIT_FATAL)  # not reached
