@@ -136,22 +136,10 @@ class Membership:
 
     def _decide(self, generation: int, dead: list[int], states: dict[int, dict]) -> Decision:
         decision = Decision(generation + 1, dead)
-        resumes = {json.dumps(s.get("resume"), sort_keys=True) for s in states.values()}
         if any(s.get("resume") is None for s in states.values()):
             decision.fallback = "a survivor has no training state to keep (it failed in set-up)"
-        elif any(s["resume"].get("in_step") for s in states.values()):
-            ranks = sorted(r for r, s in states.items() if s["resume"].get("in_step"))
-            decision.fallback = (f"ranks {ranks} were inside an optimizer step the failure "
-                                 f"interrupted (their state may be partly stepped)")
-        elif any(s["resume"].get("after_step") for s in states.values()):
-            ranks = sorted(r for r, s in states.items() if s["resume"].get("after_step"))
-            decision.fallback = (f"ranks {ranks} stopped after an optimizer step the failure "
-                                 f"interrupted; in place, training resumes only from the start "
-                                 f"of an iteration")
-        elif len(resumes) != 1:
-            where = {r: s["resume"].get("iteration") for r, s in sorted(states.items())}
-            decision.fallback = (f"the survivors stopped at different points of training "
-                                 f"(resume iteration by rank: {where})")
+        else:
+            decision.fallback = survivor_conflict({r: s["resume"] for r, s in states.items()})
         if decision.fallback:
             return decision
         decision.resume = next(iter(states.values()))["resume"]
@@ -164,6 +152,25 @@ class Membership:
                 return decision
             decision.replaced_by[dead_rank] = self.world_size + taken
         return decision
+
+
+def survivor_conflict(kept: dict[int, dict]) -> str:
+    """Why the survivors cannot all resume in place from where they stand (``kept``: rank ->
+    what it published), or "" when they can: one interrupted inside or after an optimizer step,
+    or they stopped at different points. Both in-place engines decide with it."""
+    inside = sorted(r for r, k in kept.items() if k.get("in_step"))
+    if inside:
+        return (f"ranks {inside} were inside an optimizer step the failure interrupted "
+                f"(their state may be partly stepped)")
+    after = sorted(r for r, k in kept.items() if k.get("after_step"))
+    if after:
+        return (f"ranks {after} stopped after an optimizer step the failure interrupted; "
+                f"in place, training resumes only from the start of an iteration")
+    if len({json.dumps(k, sort_keys=True) for k in kept.values()}) != 1:
+        where = {r: k.get("iteration") for r, k in sorted(kept.items())}
+        return (f"the survivors stopped at different points of training (resume iteration "
+                f"by rank: {where})")
+    return ""
 
 
 def membership_from_env(connect) -> Membership | None:

@@ -39,7 +39,7 @@ from datetime import timedelta
 
 from megatron_moetion.adapter.failure_policy import FailurePolicy, Outcome
 from megatron_moetion.adapter.runtime import Runtime, install
-from megatron_moetion.replacement import shut_down_peer_connections
+from megatron_moetion.replacement import shut_down_peer_connections, survivor_conflict
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +55,9 @@ def decide_resume(handoffs: dict[int, dict]) -> tuple[dict | None, str]:
     kept = {r: h["resume"] for r, h in handoffs.items() if h.get("resume") is not None}
     if not kept:
         return {}, ""
-    inside = sorted(r for r, k in kept.items() if k.get("in_step"))
-    if inside:
-        return None, (f"ranks {inside} were inside an optimizer step the failure interrupted "
-                      f"(their state may be partly stepped)")
-    after = sorted(r for r, k in kept.items() if k.get("after_step"))
-    if after:
-        return None, (f"ranks {after} stopped after an optimizer step the failure interrupted; "
-                      f"in place, training resumes only from the start of an iteration")
-    if len({json.dumps(k, sort_keys=True) for k in kept.values()}) != 1:
-        where = {r: k.get("iteration") for r, k in sorted(kept.items())}
-        return None, (f"the survivors stopped at different points of training (resume "
-                      f"iteration by rank: {where})")
+    reason = survivor_conflict(kept)
+    if reason:
+        return None, reason
     return next(iter(kept.values())), ""
 
 
