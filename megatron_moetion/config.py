@@ -25,8 +25,11 @@ ENV_FAULT_PLAN = "MOETION_FAULT_PLAN"
 # "group_step_off_by_one": the anchor's group-level optimizer step is restored one too high.
 # "flip_frozen_ulp": a FROZEN expert weight of the anchor slot is one ULP off.
 # "stale_survivors": survivors of an in-place replacement lose their optimizer state.
+# "recovery_in_step_section": under --enable-ft-package a recovery stays inside FT's "step"
+# section (its step timeout must then end the rank).
 NEGATIVE_CONTROLS = ("skip_conversion", "keep_checks", "skip_rng_restore", "skip_buffer_restore",
-                     "group_step_off_by_one", "flip_frozen_ulp", "stale_survivors")
+                     "group_step_off_by_one", "flip_frozen_ulp", "stale_survivors",
+                     "recovery_in_step_section")
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -212,6 +215,15 @@ class MoEtionConfig:
             testing=True,
         ),
     )
+    debug_recovery_delay_s: float = field(
+        default=0.0,
+        metadata=_help(
+            "Testing: every rank waits this long at the start of each recovery (a recovery as "
+            "long as a real one's, for the timeouts around it).",
+            allowed=(lambda v: v >= 0, ">= 0"),
+            testing=True,
+        ),
+    )
     negative_control: str = field(
         default="",
         metadata=_help(
@@ -246,7 +258,8 @@ class MoEtionConfig:
             # Fault plans and sparse-checkpoint settings need MoEtion itself; silently
             # ignoring them would let a user believe they are protected.
             for name in ("fault_plan", "persist_dir", "metrics_file", "node_id",
-                         "debug_dump_dir", "negative_control", "bench_baseline"):
+                         "debug_dump_dir", "debug_recovery_delay_s", "negative_control",
+                         "bench_baseline"):
                 if getattr(self, name):
                     raise ConfigError(
                         f"--{FLAG_PREFIX}-{name.replace('_', '-')} needs --moetion; "

@@ -19,9 +19,9 @@ Kinds: ``lose_state`` wipes the rank's model, optimizer state, snapshots, the re
 holds and its logs while its process and process groups stay up; ``corrupt_replica`` flips
 bytes in the copy of the window the rank sends to its first buddy (the buddy must detect it);
 ``kill`` SIGKILLs the rank's process; ``hang`` SIGSTOPs it (it stops answering; the rank that
-detects it kills it). After a ``kill`` or ``hang`` a warm spare takes the dead rank's place while
-the survivors keep their state (``adapter.inprocess``), or, without spares, the job restarts
-from the last persistent checkpoint.
+detects it kills it). After a ``kill`` or ``hang`` a reserve rank takes the dead rank's place
+while the survivors keep their state (Megatron's ``--inprocess-restart``, ``adapter.nvrx_restart``),
+or, without one, the job restarts from the last persistent checkpoint.
 
 This module is part of the runtime core (the configuration validates plans with it); carrying a
 fault out on a live rank is ``adapter.fault_injection``.

@@ -22,8 +22,8 @@ Call order, on every rank::
     shutdown()                                   # end of training (both exit paths)
 
 The hooks hold no state: each forwards to the process's ``adapter.runtime.Runtime``
-(``runtime.current()``), which the in-process driver owns. This module imports no Megatron code
-at import time (``arguments.py`` imports it while Megatron itself is being imported), and
+(``runtime.current()``; under ``--inprocess-restart`` the one ``adapter.nvrx_restart`` installs,
+which lives across the restarts). This module imports no Megatron code at import time (``arguments.py`` imports it while Megatron itself is being imported), and
 neither does the runtime module; what they build, they import lazily.
 """
 
@@ -57,12 +57,6 @@ def validate_args(args) -> None:
 def setup(model, optimizer, opt_param_scheduler, args) -> None:
     """Read the flags and, if MoEtion is on, build the per-rank session."""
     _runtime.current().setup(model, optimizer, opt_param_scheduler, args)
-
-
-def prepare_arguments(args) -> None:
-    """Call between parsing the arguments and ``pretrain()`` (the in-process replacement's
-    entry does): a generation after a replacement skips ``--load``."""
-    _runtime.current().prepare_arguments(args)
 
 
 def wrap_for_inprocess_restart(pretrain):

@@ -123,7 +123,7 @@ class Replicator:
         self.transport = transport
 
     def continue_rounds(self, last_round: int) -> None:
-        """A warm spare: the job's rounds so far count as finished here (none is in flight)."""
+        """A reserve rank: the job's rounds so far count as finished here (none is in flight)."""
         with self._lock:
             self.finished_round = int(last_round)
 

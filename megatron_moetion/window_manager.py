@@ -59,7 +59,7 @@ class WindowManager:
         self._round: tuple[int, int] | None = None  # (window id, tick) of the round running
 
     def continue_numbering(self, next_window_id: int, last_round: int) -> None:
-        """A warm spare: continue the job's window and round numbering."""
+        """A reserve rank: continue the job's window and round numbering."""
         self.next_window_id, self.last_round = int(next_window_id), int(last_round)
 
     def open(self, start_iteration: int, layout: WindowLayout, meta: dict) -> Window:

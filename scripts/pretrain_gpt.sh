@@ -23,8 +23,19 @@
 #                  MOETION_REPLICATION_FACTOR=2 MOETION_METRICS_FILE MOETION_PERSIST_DIR
 #                  MOETION_FAULT_PLAN (also read by the workers themselves)
 #                  MOETION_DETECT_TIMEOUT_S (seconds of silence before a rank is declared dead)
+#   RESILIENCY_ARGS  INPROCESS_RESERVES=0 (N > 0: Megatron's --inprocess-restart with N reserve
+#                  ranks in the job: a dead rank is replaced in place and the survivors keep
+#                  their state; the processes are started one per GPU without torchrun, whose
+#                  agent would stop them all) INPROCESS_GRANULARITY=rank
+#                  EXTERNAL_STORES=0 (1: the restart's stores in their own process on node 0,
+#                  python -m megatron_moetion.store_host, so rank 0 can be replaced too)
 #   LAUNCH         MEGATRON_DIR (the patched Megatron-LM checkout) GPUS_PER_NODE=8 NNODES=1
 #                  NODE_RANK=0 MASTER_ADDR=localhost MASTER_PORT=6000 TORCHRUN=torchrun
+#                  PYTHON=python (with INPROCESS_RESERVES)
+#
+# Reserve ranks, e.g. one node with 4 active ranks (PP=2 x EP=2) and 4 reserves:
+# `INPROCESS_RESERVES=4 EP=2 CHECKPOINT_DIR=/ckpt scripts/pretrain_gpt.sh`. The active world
+# (NNODES x GPUS_PER_NODE - INPROCESS_RESERVES) must fit the parallel sizes.
 #
 # Several nodes: run it on every node with NNODES, NODE_RANK and MASTER_ADDR set, e.g. on two
 # nodes of 8 GPUs with PP=4 EP=4: `NNODES=2 NODE_RANK=<0|1> MASTER_ADDR=<node 0> PP=4
@@ -48,7 +59,8 @@ done
 int_re='^[0-9]+$'
 for v in NUM_LAYERS HIDDEN_SIZE FFN_HIDDEN_SIZE NUM_HEADS SEQ_LENGTH MICRO_BATCH_SIZE \
          GLOBAL_BATCH_SIZE TRAIN_ITERS NUM_EXPERTS TOPK TP PP EP SP VPP GPUS_PER_NODE NNODES NODE_RANK \
-         MASTER_PORT SAVE_INTERVAL MOETION_WINDOW MOETION_REPLICATION_FACTOR; do
+         MASTER_PORT SAVE_INTERVAL MOETION_WINDOW MOETION_REPLICATION_FACTOR \
+         INPROCESS_RESERVES EXTERNAL_STORES; do
   if [[ -n ${!v:-} && ! ${!v} =~ $int_re ]]; then
     echo "pretrain_gpt.sh: $v must be a non-negative integer; got '${!v}'" >&2; exit 2
   fi
@@ -98,18 +110,52 @@ if [[ -z ${MOETION_ARGS:-} ]]; then
   fi
 fi
 LOG_ARGS=${LOG_ARGS:-"--log-interval 10 --eval-interval 1000 --eval-iters 10"}
+gpus=${GPUS_PER_NODE:-8} nnodes=${NNODES:-1} node_rank=${NODE_RANK:-0}
+reserves=${INPROCESS_RESERVES:-0} world=$(( nnodes * gpus ))
+if [[ -z ${RESILIENCY_ARGS:-} ]]; then
+  RESILIENCY_ARGS=""
+  if (( reserves > 0 )); then
+    if (( reserves >= world )); then
+      echo "pretrain_gpt.sh: INPROCESS_RESERVES must be below NNODES x GPUS_PER_NODE = $world; got $reserves" >&2; exit 2
+    fi
+    RESILIENCY_ARGS="--inprocess-restart --inprocess-active-world-size $(( world - reserves )) \
+--inprocess-granularity ${INPROCESS_GRANULARITY:-rank}"
+  fi
+fi
+if [[ ${EXTERNAL_STORES:-0} != 0 ]] && (( reserves == 0 )); then
+  echo "pretrain_gpt.sh: EXTERNAL_STORES=1 needs INPROCESS_RESERVES > 0 (it hosts the --inprocess-restart stores)" >&2; exit 2
+fi
 
 MEGATRON_DIR=${MEGATRON_DIR:-}
 entry=${MEGATRON_DIR:+$MEGATRON_DIR/}pretrain_gpt.py
-launch=("${TORCHRUN:-torchrun}" --nproc-per-node "${GPUS_PER_NODE:-8}" --nnodes "${NNODES:-1}"
-        --node-rank "${NODE_RANK:-0}" --master-addr "${MASTER_ADDR:-localhost}"
-        --master-port "${MASTER_PORT:-6000}")
 # shellcheck disable=SC2206  # the blocks are whitespace-separated flag lists on purpose
-cmd=("${launch[@]}" "$entry" $MODEL_ARGS $MOE_ARGS $PARALLEL_ARGS $DATA_ARGS $CKPT_ARGS
-     $MOETION_ARGS $LOG_ARGS "${extra[@]}")
+flags=($MODEL_ARGS $MOE_ARGS $PARALLEL_ARGS $DATA_ARGS $CKPT_ARGS $MOETION_ARGS $RESILIENCY_ARGS
+       $LOG_ARGS "${extra[@]}")
+master=(MASTER_ADDR="${MASTER_ADDR:-localhost}" MASTER_PORT="${MASTER_PORT:-6000}")
+if (( reserves > 0 )); then  # one process per GPU, as srun starts them
+  store_host=("${PYTHON:-python}" -m megatron_moetion.store_host)
+  procs=()
+  for (( local = 0; local < gpus; local++ )); do
+    procs+=("$(printf '%q ' env "${master[@]}" RANK=$(( node_rank * gpus + local )) \
+      LOCAL_RANK=$local WORLD_SIZE=$world LOCAL_WORLD_SIZE=$gpus \
+      MOETION_EXTERNAL_STORES=$(( ${EXTERNAL_STORES:-0} != 0 )) "${PYTHON:-python}" "$entry" \
+      "${flags[@]}")")
+  done
+else
+  cmd=("${TORCHRUN:-torchrun}" --nproc-per-node "$gpus" --nnodes "$nnodes" --node-rank "$node_rank"
+       --master-addr "${MASTER_ADDR:-localhost}" --master-port "${MASTER_PORT:-6000}" "$entry"
+       "${flags[@]}")
+fi
 
 if (( dry_run )); then
-  printf '%q ' "${cmd[@]}"; echo
+  if (( reserves > 0 )); then
+    if [[ ${EXTERNAL_STORES:-0} != 0 ]] && (( node_rank == 0 )); then
+      printf '%q ' env "${master[@]}" "${store_host[@]}"; echo '&'
+    fi
+    printf '%s&\n' "${procs[@]}"
+  else
+    printf '%q ' "${cmd[@]}"; echo
+  fi
   exit 0
 fi
 if [[ -z $MEGATRON_DIR || ! -f $MEGATRON_DIR/pretrain_gpt.py ]]; then
@@ -123,4 +169,22 @@ fi
 cd "$MEGATRON_DIR"
 export PYTHONPATH="$MEGATRON_DIR${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
-exec "${cmd[@]}"
+if (( reserves == 0 )); then
+  exec "${cmd[@]}"
+fi
+# reserve ranks: nothing here stops the others when one process dies (the Wrapper replaces it)
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null' EXIT
+if [[ ${EXTERNAL_STORES:-0} != 0 ]] && (( node_rank == 0 )); then
+  env "${master[@]}" "${store_host[@]}" & store_pid=$!
+  sleep 2
+fi
+for proc in "${procs[@]}"; do
+  eval "$proc" & pids+=($!)
+done
+rc=0
+for pid in "${pids[@]}"; do
+  wait "$pid" || { code=$?; (( code == 137 || code == 143 )) || (( rc )) || rc=$code; }
+done
+[[ -n ${store_pid:-} ]] && kill "$store_pid" 2>/dev/null
+exit "$rc"

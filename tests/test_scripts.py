@@ -64,6 +64,28 @@ def test_sequence_parallel_and_virtual_pipeline_knobs():
     assert "--sequence-parallel" not in plain and "virtual" not in plain
 
 
+def test_reserve_ranks_start_one_process_per_gpu_under_the_inprocess_restart():
+    out = pretrain("--dry-run", INPROCESS_RESERVES=4, EP=2, EXTERNAL_STORES=1)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].endswith("python -m megatron_moetion.store_host &")  # node 0 hosts them
+    procs = lines[1:]
+    assert len(procs) == 8 and "torchrun" not in out.stdout
+    for rank, line in enumerate(procs):
+        assert f" RANK={rank} LOCAL_RANK={rank} WORLD_SIZE=8 " in line
+        assert "MOETION_EXTERNAL_STORES=1" in line and " pretrain_gpt.py " in line
+        assert "--inprocess-restart --inprocess-active-world-size 4 " in line
+    # the active world fits the parallel sizes: PP=2 x EP=2 over 4 ranks
+    assert _flag(procs[0], "--pipeline-model-parallel-size") * 2 == 4
+    node1 = pretrain("--dry-run", INPROCESS_RESERVES=2, NNODES=2, NODE_RANK=1).stdout
+    assert "store_host" not in node1 and " RANK=8 LOCAL_RANK=0 WORLD_SIZE=16 " in node1
+    assert "--inprocess-active-world-size 14 " in node1
+    bad = pretrain("--dry-run", INPROCESS_RESERVES=8)
+    assert bad.returncode == 2 and "INPROCESS_RESERVES must be below" in bad.stderr
+    bad = pretrain("--dry-run", EXTERNAL_STORES=1)
+    assert bad.returncode == 2 and "EXTERNAL_STORES=1 needs INPROCESS_RESERVES" in bad.stderr
+
+
 def test_environment_overrides_values_and_whole_blocks():
     out = pretrain("--dry-run", "--", "--train-iters", "7", PP=2, EP=4, NNODES=2,
                    MEGATRON_DIR="/opt/mlm", MOETION_WINDOW=3, CHECKPOINT_DIR="/ckpt",

@@ -3,10 +3,9 @@
 ``FailureDetector`` runs ``liveness.Liveness`` on the job's rendezvous store (with torchrun's
 c10d rendezvous that store lives in the agent, so it outlives every worker, rank 0 included).
 
-With warm spares (``adapter.inprocess``) the verdict is only reported: the main thread, whose
-collective with the dead rank failed, leaves the generation and a spare takes the dead rank's
-place. Without them the failure policy's fallback applies on every surviving rank within about
-one heartbeat: the main thread may be blocked in a collective with the dead rank that only its
+It runs where nothing replaces a dead rank in place (under ``--inprocess-restart`` the Wrapper's
+monitor detects failures, and this detector is off). The failure policy's fallback applies on
+every surviving rank within about one heartbeat: the main thread may be blocked in a collective with the dead rank that only its
 timeout would end, so the heartbeat thread reports and exits the process (as torch's own NCCL
 watchdog does), for a restart from the last persistent Megatron checkpoint, or, without one,
 with ``EXIT_FATAL``. A main thread whose collective failed instead (the peer's connection reset)
@@ -41,13 +40,10 @@ class FailureDetector:
         rank, world_size: this rank and the job's size.
         policy: the failure policy (reports, fallback, exit).
         iteration: returns the iteration this rank is in.
-        replace_in_place: warm spares replace dead ranks (the verdict is only reported).
     """
 
-    def __init__(self, cfg, rank: int, world_size: int, policy, iteration,
-                 replace_in_place: bool = False):
+    def __init__(self, cfg, rank: int, world_size: int, policy, iteration):
         self.cfg, self.rank, self.policy, self.iteration = cfg, rank, policy, iteration
-        self.replace_in_place = replace_in_place
         store = dist.distributed_c10d._get_default_store()
         self.liveness = Liveness(store, rank, world_size, cfg.heartbeat_interval_s,
                                  cfg.detect_timeout_s, self._on_failure, self._on_declare)
@@ -63,16 +59,6 @@ class FailureDetector:
     def stop(self) -> None:
         self.liveness.stop(finished=True)
 
-    def abandon(self) -> None:
-        """A survivor leaving a failed generation: stop beating without saying it finished."""
-        self.liveness.stop(finished=False)
-
-    def await_verdict(self) -> Verdict | None:
-        """After a collective failed on this rank: the verdict, or None within the detect
-        timeout (then the failure was not a peer's death)."""
-        return self.liveness.wait_for_verdict(self.cfg.detect_timeout_s
-                                              + 2 * self.cfg.heartbeat_interval_s)
-
     # ------------------------------------------------------------------ on the heartbeat thread
     def _report(self, verdict: Verdict) -> dict:
         # the dead rank's last heartbeat may be from the iteration before; this rank is in the
@@ -82,7 +68,7 @@ class FailureDetector:
         return self.policy.report(
             cause="process_failure", outcome=self.policy.fallback(), failed=verdict.dead,
             fault_iteration=fault_iteration, reason=verdict.describe(),
-            fallback_reason="no warm spare to replace it in place",
+            fallback_reason="no reserve rank to replace it in place (--inprocess-restart)",
             detection_s=verdict.silent_s + max(0.0, time.time() - verdict.declared_wall),
             declared_by=verdict.declared_by)
 
@@ -99,16 +85,9 @@ class FailureDetector:
                     pass
 
     def _on_declare(self, verdict: Verdict) -> None:
-        if self.replace_in_place:
-            self._fence(verdict)  # at once: survivors blocked on it are released by its death
-        else:
-            self.policy.record(self._report(verdict))
+        self.policy.record(self._report(verdict))
 
     def _on_failure(self, verdict: Verdict) -> None:
-        if self.replace_in_place:  # the main thread leaves the generation (adapter.inprocess)
-            logger.error("[moetion] rank %d: %s; replacing it in place", self.rank,
-                         verdict.describe())
-            return
         report = self._report(verdict)
         try:
             self.policy.emit(report)

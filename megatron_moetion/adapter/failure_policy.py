@@ -5,8 +5,9 @@ hung rank, the in-place replacement's decision) ends in one of four outcomes:
 
 * ``RECOVER_IN_MEMORY``: the localized recovery restores the failed ranks from their buddies'
   windows and their neighbours' logs; nobody stops (``adapter.recovery``);
-* ``REPLACE_IN_PLACE``: a warm spare takes a dead rank's place, the survivors keep their state
-  (``adapter.inprocess``), then the recovery restores the spare;
+* ``REPLACE_IN_PLACE``: a reserve rank takes a dead rank's place, the survivors keep their state
+  (Megatron's ``--inprocess-restart``: ``adapter.nvrx_restart``), then the recovery restores
+  the reserve rank;
 * ``RESTART_FROM_CHECKPOINT``: nothing recoverable in memory; every rank exits with
   ``EXIT_RESTART_FROM_CHECKPOINT`` and the restarted job resumes from Megatron's ``--load``
   (the fallback is recorded beside the checkpoint for it, and for people);

@@ -18,21 +18,31 @@ function again in the same processes. MoEtion adds what the Wrapper lacks:
   survivor waits for its timeout; ``ReleasePeerConnections`` shuts this process's peer sockets
   down (the stores' excepted) before the Wrapper destroys the groups;
 * **finalize on CPU**: Megatron's ``ThreadedFinalize`` needs CUDA; ``MegatronFinalize`` tears
-  Megatron's global state down and resets its module state in the main thread.
+  Megatron's global state down in the main thread;
 * **Megatron's arguments per call**: ``pretrain_gpt.py`` parses them once, outside the wrapped
   ``pretrain()``; ``wrap_pretrain`` (called by the patched ``maybe_wrap_for_inprocess_restart``)
   lets that validation see the active world and re-sets them per call from the rank and size
-  the Wrapper assigned.
+  the Wrapper assigned;
+* **stores that outlive every rank**: by default initial rank 0 hosts the Wrapper's store and
+  the application store, and its death ends the job; with ``MOETION_EXTERNAL_STORES=1`` both
+  live in ``python -m megatron_moetion.store_host`` (``store_host``) and every rank, rank 0
+  included, is replaceable;
+* **Megatron's module state**: ``megatron.training`` keeps set-up state in module globals that
+  decides which set-up collectives run; every call starts from a fresh process's
+  (``module_state`` / ``restore_module_state``), as the reserve rank does.
 
-What stays with the Wrapper and its limits: the rank hosting its store (initial rank 0) must
-not die (nvrx 0.4.1 hangs), and a hung rank is only released after ``--inprocess-soft-timeout``.
+What stays with the Wrapper and its limits: a hung rank is only released after
+``--inprocess-soft-timeout``; the Wrapper's own processes (one monitor per rank) cost a fork each.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib
 import json
 import logging
 import os
+import sys
 import time
 import typing
 from datetime import timedelta
@@ -40,11 +50,36 @@ from datetime import timedelta
 from megatron_moetion.adapter.failure_policy import FailurePolicy, Outcome
 from megatron_moetion.adapter.runtime import Runtime, install
 from megatron_moetion.replacement import shut_down_peer_connections, survivor_conflict
+from megatron_moetion.store_host import (
+    APP_STORE_PORT_OFFSET,
+    WRAPPER_STORE_PORT_OFFSET,
+    external_stores,
+)
 
 logger = logging.getLogger(__name__)
 
-APP_STORE_PORT_OFFSET, WRAPPER_STORE_PORT_OFFSET = 1, 2  # as Megatron's inprocess_restart.py
 HANDOFF_TIMEOUT_S = 120.0
+_STATEFUL_MODULES = ("megatron.training.training", "megatron.training.checkpointing")
+
+
+def module_state() -> dict:
+    """Module-level state of Megatron's training code as a fresh process has it. Survivors
+    restore it before calling ``pretrain()`` again: it decides which set-up collectives run
+    (``_STARTUP_TIMESTAMPS`` adds an all-reduce once set), and a reserve rank runs with it
+    fresh."""
+    state = {}
+    for name in _STATEFUL_MODULES:
+        module = importlib.import_module(name)
+        for key, value in vars(module).items():
+            if key.startswith("_") and key[1:2].isupper() and (
+                    value is None or isinstance(value, (bool, int, float, str, dict))):
+                state[(name, key)] = copy.deepcopy(value)
+    return state
+
+
+def restore_module_state(state: dict) -> None:
+    for (name, key), value in state.items():
+        setattr(sys.modules[name], key, copy.deepcopy(value))
 
 
 def decide_resume(handoffs: dict[int, dict]) -> tuple[dict | None, str]:
@@ -93,6 +128,15 @@ class _Hooks:
 
         return MegatronFinalize()
 
+    @staticmethod
+    def client_store():
+        """The Wrapper's store as a client on every rank (``store_host`` hosts it): no rank
+        hosts it, so no rank is critical to the job."""
+        class ClientTCPStore(_inprocess().store.TCPStore):
+            TCP_STORE_HOST_RANK = -1
+
+        return ClientTCPStore
+
 
 def build_wrapper(args, master_port: int):
     """The Wrapper for Megatron's ``--inprocess-*`` arguments (timeouts as Megatron passes
@@ -120,9 +164,10 @@ def build_wrapper(args, master_port: int):
     def seconds(name):
         return timedelta(seconds=float(getattr(args, f"inprocess_{name}")))
 
+    store = {"store_factory": _Hooks.client_store()} if external_stores() else {}
     return inprocess.Wrapper(
-        store_kwargs={"timeout": timedelta(seconds=300),
-                      "port": master_port + WRAPPER_STORE_PORT_OFFSET},
+        **store, store_kwargs={"timeout": timedelta(seconds=300),
+                               "port": master_port + WRAPPER_STORE_PORT_OFFSET},
         initialize=inprocess.initialize.RetryController(
             min_world_size=active, max_iterations=getattr(args, "inprocess_max_iterations", None)),
         abort=abort, finalize=_Hooks.finalize(), health_check=health,
@@ -148,8 +193,6 @@ class _Generations:
     def enter(self, call_wrapper) -> None:
         """At the start of call ``iteration`` > 0: suspend what this rank kept, agree with
         every rank where to resume, and set the runtime up for it (or fall back)."""
-        from megatron_moetion.adapter.inprocess import restore_module_state
-
         t0 = time.monotonic()
         iteration, state = call_wrapper.iteration, call_wrapper.state
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -222,13 +265,12 @@ class _Runner:
     def __init__(self, runtime: Runtime, args, launcher: dict):
         import torch.distributed as dist
 
-        from megatron_moetion.adapter.inprocess import module_state
-
         self.runtime, self.args, self.launcher = runtime, args, launcher
         self.port = int(os.environ["MASTER_PORT"])
         self.app_store = dist.TCPStore(
             os.environ["MASTER_ADDR"], self.port + APP_STORE_PORT_OFFSET,
-            int(launcher["WORLD_SIZE"]), is_master=int(launcher["RANK"]) == 0,
+            int(launcher["WORLD_SIZE"]),
+            is_master=int(launcher["RANK"]) == 0 and not external_stores(),
             timeout=timedelta(seconds=300), wait_for_workers=True, use_libuv=True)
         self.generations = _Generations(runtime, self.app_store, module_state())
         self.first_args = None
@@ -237,8 +279,6 @@ class _Runner:
         """Megatron's global arguments for this call: the rank and size the Wrapper assigned,
         set up again where a finalize tore them down (a reserve rank runs the finalize of
         every restart too, before its first call)."""
-        import copy
-
         from megatron.training import get_args
         from megatron.training.global_vars import set_global_variables
 
@@ -271,8 +311,6 @@ class _Runner:
         wrapped = build_wrapper(self.args, self.port)(train)
 
         def run(*args, **kwargs):
-            import copy
-
             from megatron.training import get_args
 
             self.first_args = copy.deepcopy(get_args())  # as the caller parsed them
@@ -281,12 +319,12 @@ class _Runner:
                 return wrapped(*args, **kwargs)
             except (inprocess.exception.RestartAbort,
                     inprocess.rank_assignment.RankDiscarded) as exc:
-                _no_reserve_left(self.runtime, exc)
+                _no_reserve_left(self.runtime, self.app_store, exc)
 
         return run
 
 
-def _no_reserve_left(runtime: Runtime, exc: BaseException) -> None:
+def _no_reserve_left(runtime: Runtime, app_store, exc: BaseException) -> None:
     """The Wrapper gave up (no reserve rank left to fill the active world): the policy's
     fallback, with one line saying what died and what would have saved the run."""
     session = runtime.session or runtime.suspended
@@ -299,7 +337,11 @@ def _no_reserve_left(runtime: Runtime, exc: BaseException) -> None:
                            fallback_reason="no reserve rank left (--inprocess-active-world-size"
                                            " plus reserves)", engine="nvrx")
     policy.metrics.write({"rank": policy.rank, **report})
-    if policy.rank == 0:  # it hosts the Wrapper's store: it is alive
+    try:  # the first rank here records it for the restarted job (rank 0 may be the dead one)
+        first = app_store.add(f"moetion/nvrx/no_reserve_left/{session.iteration}", 1) == 1
+    except Exception:  # noqa: BLE001 - the store went with its host: nobody can record it
+        first = False
+    if first:
         policy.record(report)
     extra = "" if outcome is Outcome.RESTART_FROM_CHECKPOINT else (
         "; more reserve ranks or a persistent checkpoint (--save, --save-interval) would have "

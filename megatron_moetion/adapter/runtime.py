@@ -4,8 +4,8 @@
 configuration, the rank's session (while ``--moetion`` is on), the oracle tap (while
 ``--moetion-oracle-dir`` is set), the checkpoint iterations Megatron reported, and, across an
 in-place replacement, the survivor's suspended session and where the next generation resumes.
-``megatron_hooks`` is a stateless facade over ``current()``; the in-process driver
-(``adapter.inprocess``) owns the runtime it installs and drives the generation changes on it.
+``megatron_hooks`` is a stateless facade over ``current()``; under ``--inprocess-restart``
+``adapter.nvrx_restart`` owns the runtime it installs and drives the generation changes on it.
 
 This module imports neither torch nor Megatron at import time (``megatron_hooks`` imports it
 while Megatron itself is being imported); what it builds, it imports when it builds it.
@@ -23,8 +23,7 @@ class Runtime:
 
     def __init__(self, restart_engine: str | None = None):
         # what restarts ranks in place: None (nothing: a dead rank means a restart from the
-        # persistent checkpoint), "moetion" (adapter.inprocess, warm spares) or "nvrx"
-        # (Megatron's --inprocess-restart: adapter.nvrx_restart)
+        # persistent checkpoint) or "nvrx" (Megatron's --inprocess-restart: adapter.nvrx_restart)
         self.restart_engine = restart_engine
         self.cfg: _config.MoEtionConfig | None = None
         self.session: Any = None  # adapter.session.MoEtionSession while MoEtion is on
@@ -62,7 +61,7 @@ class Runtime:
 
     def prepare_arguments(self, args) -> None:
         """In a generation after a replacement, ``--load`` is skipped (survivors keep their
-        state, the spare is restored by the recovery) and the data iterators start where the
+        state, the reserve rank is restored by the recovery) and the data iterators start where the
         interrupted iteration started."""
         if self.resume is None:
             return
@@ -78,7 +77,7 @@ class Runtime:
         args.iteration = int(resume["iteration"]) - 1
         args.num_floating_point_operations_so_far = resume["flops"]
         if not cfg.enabled:
-            raise RuntimeError("warm spares need --moetion (the session keeps the state)")
+            raise RuntimeError("an in-place restart needs --moetion (the session keeps the state)")
         if suspended is not None:
             suspended.resume(model, optimizer, scheduler, args)
             self.session = suspended
@@ -92,7 +91,7 @@ class Runtime:
 
     # ------------------------------------------------------------------ generations
     def join_next_generation(self, resume: dict) -> None:
-        """A warm spare: its first ``pretrain()`` resumes where the survivors stand."""
+        """A reserve rank: its first ``pretrain()`` resumes where the survivors stand."""
         self.resume = dict(resume)
 
     def suspend_session(self) -> dict:
@@ -162,7 +161,7 @@ def current() -> Runtime:
 
 
 def install(runtime: Runtime) -> Runtime:
-    """Make ``runtime`` the one the hooks act on (the in-process driver does, per process)."""
+    """Make ``runtime`` the one the hooks act on (``adapter.nvrx_restart`` does, per process)."""
     global _current
     _current = runtime
     return runtime

@@ -21,12 +21,14 @@ Per iteration ``t`` (see ``megatron_hooks`` for where Megatron calls each method
   is captured (ACTIVE operators' full state, FROZEN operators' compute weights);
 * ``on_train_step_end(t)``: counters and metrics.
 
-Across an in-place replacement (``adapter.inprocess``, ``adapter.nvrx_restart``): ``suspend`` on
-a survivor of the failed generation, ``resume`` in the next one; a spare joins (``joining``).
+Across an in-place replacement (Megatron's ``--inprocess-restart``, ``adapter.nvrx_restart``):
+``suspend`` on a survivor of the failed generation, ``resume`` in the next one; a reserve rank
+joins (``joining``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -72,7 +74,7 @@ class MoEtionSession:
         scheduler: Megatron's ``OptimizerParamScheduler``.
         args: Megatron's parsed arguments.
         last_checkpoint_iteration: iteration of the checkpoint ``--load`` restored, if any.
-        joining: set on a warm spare that replaces a dead rank (``adapter.inprocess``): where
+        joining: set on a reserve rank that replaces a dead rank (``adapter.nvrx_restart``): where
             the survivors resume (what ``suspend`` returned on them).
         restart_engine: what replaces dead ranks in place (``Runtime.restart_engine``); with
             ``"nvrx"`` its monitor detects failures and MoEtion runs no heartbeats of its own.
@@ -135,8 +137,7 @@ class MoEtionSession:
         if self.restart_engine == "nvrx":
             return None  # the Wrapper's monitor detects failures
         detector = FailureDetector(self.cfg, self.rank, self.world_size, self.policy,
-                                   lambda: self.iteration,
-                                   replace_in_place=self.restart_engine is not None)
+                                   lambda: self.iteration)
         detector.start()
         return detector
 
@@ -212,7 +213,11 @@ class MoEtionSession:
             self._stall += self.pipeline.wait_for_copies()
             self.in_step = True  # the optimizer step comes next
             return False
-        with outside_the_step_section():  # --enable-ft-package: a recovery is not a step
+        # --enable-ft-package: a recovery is not a step
+        section = (contextlib.nullcontext() if "recovery_in_step_section" in
+                   self.cfg.negative_controls else outside_the_step_section())
+        with section:
+            time.sleep(self.cfg.debug_recovery_delay_s)
             report = self.recovery.recover(self.agreed.failed, self.iteration,
                                            self.start_state, self.agreed, template,
                                            forward_backward_func)
@@ -319,7 +324,7 @@ class MoEtionSession:
 
     # ------------------------------------------------------------------ generations
     def _join(self, resume: dict) -> None:
-        """A warm spare taking a dead rank's place: it holds no window, replica or log, and
+        """A reserve rank taking a dead rank's place: it holds no window, replica or log, and
         its optimizer has no state yet (a restore writes into it)."""
         ensure_optimizer_state(self.objects.optimizer)
         restore_optimizer_caches(self.objects.optimizer, resume.get("optimizer_caches", []))
@@ -335,8 +340,6 @@ class MoEtionSession:
         drop every reference to the generation's Megatron objects and process groups (a
         group's sockets close only once nothing refers to it, and peers blocked on this rank
         are released by that), and say where this rank stands."""
-        if self.detector is not None:
-            self.detector.abandon()
         self.pipeline.stop_for_handover()
         self.kept_state = self.objects.state.state_dict()
         if "stale_survivors" in self.cfg.negative_controls:  # survivors lose optimizer state

@@ -57,7 +57,7 @@ class SnapshotPipeline:
         self.schedule.rebind(objects.bindings, objects.optimizer, ctx.gather)
 
     def continue_numbering(self, next_window_id: int, last_round: int, iteration: int) -> None:
-        """A warm spare joining at ``iteration``: every rank numbers windows and replication
+        """A reserve rank joining at ``iteration``: every rank numbers windows and replication
         rounds alike (the agreement compares them); its first window opens after one step."""
         self.windows.continue_numbering(next_window_id, last_round)
         self.replicator.continue_rounds(last_round)

@@ -33,13 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="output directory (default: runs/demo)")
     parser.add_argument("--iters", type=int, default=12, help="training iterations (>= 4)")
     parser.add_argument("--spares", type=int, default=0,
-                        help="warm spare processes for the run with faults: a killed rank is "
-                             "replaced in place and the survivors keep their state (default 0: "
-                             "a killed rank restarts the job from its last checkpoint)")
-    parser.add_argument("--restart-engine", choices=("moetion", "nvrx"), default="moetion",
-                        help="with --spares, what replaces a killed rank: MoEtion's own engine, "
-                             "or Megatron's --inprocess-restart (nvidia-resiliency-ext's "
-                             "Wrapper, the spares as its reserve ranks)")
+                        help="reserve ranks for the run with faults, under Megatron's "
+                             "--inprocess-restart (nvidia-resiliency-ext's Wrapper): a killed "
+                             "rank is replaced in place and the survivors keep their state "
+                             "(default 0: a killed rank restarts the job from its last "
+                             "checkpoint)")
     parser.add_argument("--timeout-s", type=float, default=600, help="per-run timeout")
     args = parser.parse_args(argv)
     if args.iters < 4:
@@ -93,7 +91,7 @@ def why_unrecoverable(cfg: RunConfig) -> str:
     what = "was killed" if first.kind == "kill" else "stopped answering"
     missing = []
     if len(deaths) > cfg.spares:
-        missing.append(f"{len(deaths)} spare process(es) (--spares {len(deaths)}) to replace "
+        missing.append(f"{len(deaths)} reserve rank(s) (--spares {len(deaths)}) to replace "
                        f"it in place")
     if cfg.save_interval <= 0 or first.iteration <= cfg.save_interval:
         missing.append(f"a persistent checkpoint before iteration {first.iteration} (the "
@@ -121,8 +119,7 @@ def main(argv=None) -> int:
             shutil.rmtree(path)
     if run(base, clean, "fault-free run", args.timeout_s).returncode != 0:
         return 1
-    if run(base.replace(fault_plan=str(plan), spares=args.spares,
-                        restart_engine=args.restart_engine), faulted, "run with faults",
+    if run(base.replace(fault_plan=str(plan), spares=args.spares), faulted, "run with faults",
            args.timeout_s).returncode != 0:
         return 1
     comparison = compare_dumps(clean / "oracle", faulted / "oracle")
@@ -157,7 +154,7 @@ def main(argv=None) -> int:
                   f"{'; '.join(rec.get('faults_fired_before') or []) or 'none'})")
             continue
         if rec.get("cause") == "process_failure" and rec.get("replaced_by"):
-            spares = ", ".join(f"rank {r} by spare process {p}"
+            spares = ", ".join(f"rank {r} by reserve rank {p}"
                                for r, p in rec["replaced_by"].items())
             detected = (f"detected after {rec['detection_s']:.1f} s, "
                         if rec.get("detection_s") is not None else "")

@@ -8,9 +8,9 @@ that up)::
 
     torchrun --nproc-per-node 4 -m megatron_moetion.demo.pretrain_moe_cpu <megatron flags>
 
-With warm spares (``RunConfig.spares``), the processes are started one per rank and spare
-around a store that outlives them (``testing.launch.run_with_spares``) and a dead rank is
-replaced in place (``adapter.inprocess``).
+With reserve ranks (``RunConfig.spares``), the processes are started one per rank and reserve
+rank, as srun starts them (``testing.launch.run_with_reserves``), and Megatron's
+``--inprocess-restart`` replaces a dead rank in place (``adapter.nvrx_restart``).
 """
 
 from __future__ import annotations
@@ -145,18 +145,6 @@ def main() -> None:
             f"does both)")
     from megatron.training import inprocess_restart
 
-    from megatron_moetion.adapter import inprocess
-
-    def pretrain_once(store):
-        args = parse_and_validate_args(args_defaults={})
-        megatron_hooks.prepare_arguments(args)
-        pretrain(pretrain_cfg_container_from_args(args), train_valid_test_datasets_provider,
-                 ModelType.encoder_or_decoder, forward_step, model_provider=model_provider,
-                 store=store)
-
-    if inprocess.spares_started():  # MoEtion's own warm spares (adapter.inprocess)
-        inprocess.run(pretrain_once)
-        return
     # as pretrain_gpt.py's main: --inprocess-restart goes through the patched
     # maybe_wrap_for_inprocess_restart (nvidia-resiliency-ext's Wrapper, adapter.nvrx_restart)
     wrapped, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_moetion.testing.launch import (
+    FT_LAUNCHER,
     RunResult,
     run_torchrun,
     run_with_reserves,
-    run_with_spares,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -58,10 +58,12 @@ class RunConfig:
     replication_factor: int = 2
     fault_plan: str = ""
     save_interval: int = 0
-    spares: int = 0  # warm spares: one process per rank and spare, dead ranks replaced in place
-    # what replaces a dead rank by a spare: "moetion" (adapter.inprocess) or "nvrx" (Megatron's
-    # --inprocess-restart: nvidia-resiliency-ext's Wrapper, adapter.nvrx_restart)
-    restart_engine: str = "moetion"
+    # reserve ranks: Megatron's --inprocess-restart (nvidia-resiliency-ext's Wrapper) replaces a
+    # dead rank by one in place, the survivors keep their state (adapter.nvrx_restart)
+    spares: int = 0
+    external_stores: bool = False  # the restart's stores in the launcher, not in rank 0
+    # under ft_launcher with --enable-ft-package: its --ft-* arguments (None: torchrun)
+    ft_launcher: tuple[str, ...] | None = None
     extra_flags: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -120,12 +122,11 @@ def megatron_flags(cfg: RunConfig, out_dir: Path) -> list[str]:
     if cfg.save_interval:
         flags += ["--save", out_dir / "ckpt", "--load", out_dir / "ckpt",
                   "--save-interval", cfg.save_interval, "--ckpt-format", "torch_dist"]
-    if cfg.spares and cfg.restart_engine == "nvrx":
+    if cfg.ft_launcher is not None:
+        flags.append("--enable-ft-package")
+    if cfg.spares:
         flags += ["--inprocess-restart", "--inprocess-active-world-size", cfg.world_size,
                   "--inprocess-granularity", "rank"]
-    elif cfg.restart_engine not in ("moetion", "nvrx"):
-        raise ValueError(f"RunConfig.restart_engine must be moetion or nvrx; got "
-                         f"{cfg.restart_engine!r}")
     if cfg.moetion:
         flags += ["--moetion", "--moetion-window", cfg.window,
                   "--moetion-replication-factor", cfg.replication_factor,
@@ -173,19 +174,18 @@ def run_pretrain(cfg: RunConfig, out_dir: str | os.PathLike, *, timeout_s: float
     seconds = 0.0
     for _attempt in range(max_restarts + 1):
         before = stamp()
-        if cfg.spares and cfg.restart_engine == "nvrx":
+        if cfg.spares:
             result = run_with_reserves(DRIVER, cfg.world_size, cfg.spares,
                                        megatron_flags(cfg, out_dir),
                                        log_path=out_dir / "log.txt",
-                                       timeout_s=timeout_s - seconds, env=run_env(env))
-        elif cfg.spares:
-            result = run_with_spares(DRIVER, cfg.world_size, cfg.spares,
-                                     megatron_flags(cfg, out_dir), log_path=out_dir / "log.txt",
-                                     timeout_s=timeout_s - seconds, env=run_env(env))
+                                       timeout_s=timeout_s - seconds, env=run_env(env),
+                                       external_stores=cfg.external_stores)
         else:
+            ft = {} if cfg.ft_launcher is None else {"launcher": FT_LAUNCHER,
+                                                       "launcher_args": cfg.ft_launcher}
             result = run_torchrun(DRIVER, cfg.world_size, megatron_flags(cfg, out_dir),
                                   log_path=out_dir / "log.txt", timeout_s=timeout_s - seconds,
-                                  env=run_env(env), python=sys.executable)
+                                  env=run_env(env), python=sys.executable, **ft)
         seconds += result.seconds
         if (result.returncode == 0 or result.timed_out or stamp() == before
                 or not (ckpt / "latest_checkpointed_iteration.txt").exists()):

@@ -11,7 +11,7 @@ moe_dtoh, device_mode. For ``megatron/training``: typing_override, allow_no_cuda
 compile_helpers. For loading a DistributedOptimizer checkpoint with the torch.optim fallback
 (no Apex/TE, so also on GPU without them; ``testing.distopt_loading``): distopt_step_key,
 distopt_init_state, distopt_load_state. Speed only: inprocess_ckpt_queue. For ``--inprocess-restart``:
-inprocess_nccl_init.
+inprocess_nccl_init. For ``--enable-ft-package`` with nvidia-resiliency-ext 0.4.1: ft_warmup_iters.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ WORKAROUNDS = (
     "nvrx_version", "paged_stash", "rng", "streams", "current_device", "moe_dtoh", "device_mode",
     "typing_override", "allow_no_cuda", "device_count", "compile_helpers",
     "distopt_step_key", "distopt_init_state", "distopt_load_state", "inprocess_ckpt_queue",
-    "inprocess_nccl_init",
+    "inprocess_nccl_init", "ft_warmup_iters",
 )
 
 applied: list[str] = []
@@ -291,6 +291,29 @@ def _patch_inprocess_nccl_init() -> None:
     inprocess_restart.maybe_force_nccl_backend_init = lambda device_id: None
 
 
+# --- megatron/training/ft_integration.py setup: --enable-ft-package calls
+#     RankMonitorClient.init_workload_monitoring(num_warmup_iters=...), a parameter of
+#     nvidia-resiliency-ext 0.6.0 that 0.4.1 (the newest build for Python 3.11) lacks: a
+#     TypeError. Where the installed client lacks it, accept and drop it (Megatron opens the
+#     "step" section only after its warm-up iterations anyway, on the client side).
+def _patch_ft_warmup_iters() -> None:
+    import inspect
+
+    try:
+        from nvidia_resiliency_ext.fault_tolerance import RankMonitorClient
+    except ImportError:
+        return
+    init = RankMonitorClient.init_workload_monitoring
+    if "num_warmup_iters" in inspect.signature(init).parameters:
+        return
+    originals["RankMonitorClient.init_workload_monitoring"] = init
+
+    def init_workload_monitoring(self, num_warmup_iters=None):  # no functools.wraps: its
+        return init(self)  # __wrapped__ would make the signature look unchanged
+
+    RankMonitorClient.init_workload_monitoring = init_workload_monitoring
+
+
 _CORE = (
     ("rng", _patch_rng), ("streams", _patch_streams),
     ("current_device", _patch_current_device), ("moe_dtoh", _patch_moe_dtoh),
@@ -303,6 +326,7 @@ _TRAINING = (
     ("distopt_load_state", lambda: distopt_loading.patch_distopt_load_state(originals)),
     ("inprocess_ckpt_queue", _patch_inprocess_ckpt_queue),
     ("inprocess_nccl_init", _patch_inprocess_nccl_init),
+    ("ft_warmup_iters", _patch_ft_warmup_iters),
 )
 
 

@@ -109,15 +109,22 @@ def run_command(cmd: list[str], *, log_path: str | os.PathLike, timeout_s: float
     return RunResult(rc, time.monotonic() - start, log_path, timed_out)
 
 
+TORCHRUN = "torch.distributed.run"
+FT_LAUNCHER = "nvidia_resiliency_ext.fault_tolerance.launcher"  # ft_launcher, torchrun's fork
+
+
 def run_torchrun(script: str | os.PathLike, nproc: int, script_args: list[str], *,
                  log_path: str | os.PathLike, timeout_s: float,
                  env: dict[str, str] | None = None, max_restarts: int = 0,
-                 python: str = sys.executable) -> RunResult:
-    """Run ``script`` under torchrun with ``nproc`` local workers on a free port."""
+                 python: str = sys.executable, launcher: str = TORCHRUN,
+                 launcher_args: tuple[str, ...] = ()) -> RunResult:
+    """Run ``script`` under torchrun (or ``launcher``, a module that takes torchrun's arguments,
+    such as ``FT_LAUNCHER`` with its ``--ft-*`` ones in ``launcher_args``) with ``nproc``
+    local workers on a free port."""
     # c10d rendezvous: each restart is a new rendezvous round with a fresh store prefix (the
     # static one reuses the first attempt's keys, so a restarted group connects to dead ranks)
     cmd = [
-        python, "-m", "torch.distributed.run",
+        python, "-m", launcher, *launcher_args,
         f"--nproc-per-node={nproc}", "--nnodes=1", f"--max-restarts={max_restarts}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
         f"--rdzv-id=moetion-{os.getpid()}-{time.monotonic_ns()}",
@@ -196,40 +203,26 @@ def _base_env(env: dict[str, str] | None) -> dict[str, str]:
     return base
 
 
-def run_with_spares(script: str | os.PathLike, nproc: int, spares: int, script_args: list[str], *,
-                    log_path: str | os.PathLike, timeout_s: float,
-                    env: dict[str, str] | None = None,
-                    python: str = sys.executable) -> RunResult:
-    """Run ``script`` as ``nproc`` ranks plus ``spares`` warm spares, one process each, around a
-    store this process hosts (so it outlives every worker, as the store of a per-node agent
-    does). Nothing tears the job down when a worker dies: survivors replace it in place
-    (``megatron_moetion.adapter.inprocess``)."""
-    import torch.distributed as dist
-
-    port = free_port()
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
-    base = _base_env(env)
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
-                LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MOETION_ACTIVE_WORLD_SIZE=str(nproc),
-                MOETION_SPARES=str(spares))
-    envs = [dict(base, MOETION_PROCESS_ID=str(pid), RANK=str(min(pid, nproc - 1)))
-            for pid in range(nproc + spares)]
-    try:
-        return _supervise(script, script_args, envs, Path(log_path), timeout_s, python)
-    finally:
-        del store
-
-
 def run_with_reserves(script: str | os.PathLike, nproc: int, reserves: int,
                       script_args: list[str], *, log_path: str | os.PathLike, timeout_s: float,
-                      env: dict[str, str] | None = None,
+                      env: dict[str, str] | None = None, external_stores: bool = False,
                       python: str = sys.executable) -> RunResult:
     """Run ``script`` as Megatron's ``--inprocess-restart`` expects it: ``nproc + reserves``
     processes with ``RANK`` / ``WORLD_SIZE`` counting both (nvidia-resiliency-ext's Wrapper
-    makes ``nproc`` of them active, and hosts its stores on initial rank 0, on the two ports
-    after ``MASTER_PORT``), as srun would start them. Nothing tears the job down when one dies."""
+    makes ``nproc`` of them active), as srun would start them. Its stores take the two ports
+    after ``MASTER_PORT``: hosted by initial rank 0, or with ``external_stores`` by this
+    process (as ``python -m megatron_moetion.store_host`` would). Nothing tears the job down
+    when one process dies."""
+    from megatron_moetion.store_host import ENV_EXTERNAL_STORES, host_stores
+
     base = _base_env(env)
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port_block(3)),
+    port = free_port_block(3)
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                 WORLD_SIZE=str(nproc + reserves), TORCH_CPP_LOG_LEVEL="error")
+    base[ENV_EXTERNAL_STORES] = "1" if external_stores else "0"
+    stores = host_stores("127.0.0.1", port) if external_stores else []
     envs = [dict(base, RANK=str(rank)) for rank in range(nproc + reserves)]
-    return _supervise(script, script_args, envs, Path(log_path), timeout_s, python)
+    try:
+        return _supervise(script, script_args, envs, Path(log_path), timeout_s, python)
+    finally:
+        del stores

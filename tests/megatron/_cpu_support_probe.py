@@ -173,6 +173,18 @@ def _():
     assert "step" not in opt.optimizer.param_groups[0]  # a run that never restarted has none
 
 
+@check("ft_warmup_iters")
+def _():
+    import inspect
+
+    from nvidia_resiliency_ext.fault_tolerance import RankMonitorClient
+
+    init = RankMonitorClient.init_workload_monitoring
+    assert "num_warmup_iters" in inspect.signature(init).parameters  # as ft_integration calls it
+    original = cpu_support.originals.get("RankMonitorClient.init_workload_monitoring")
+    assert original is None or "num_warmup_iters" not in inspect.signature(original).parameters
+
+
 @check("inprocess_ckpt_queue")
 def _():
     import queue

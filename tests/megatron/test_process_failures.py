@@ -1,9 +1,9 @@
 """Real process failures on real Megatron-Core under torchrun: a rank SIGKILLed, or SIGSTOPped
 (it stops answering), in the middle of training. Every surviving rank learns of it within the
 detect timeout, and the job restarts from the last persistent checkpoint (a global rollback:
-torchrun's agent stops every local worker when one dies; with warm spares the dead rank is
-replaced in place instead, tests/megatron/test_spare_replacement.py) and ends bitwise identical
-to the fault-free run. No test leaves a process behind.
+torchrun's agent stops every local worker when one dies; with reserve ranks under
+--inprocess-restart the dead rank is replaced in place instead, test_inprocess_restart.py) and
+ends bitwise identical to the fault-free run. No test leaves a process behind.
 
 Cells: hang of a middle rank at backward (detected by its ring watcher, fenced); kill of a middle
 stage (PP=4) at the optimizer step; a hang without a checkpoint (a clear error in bounded time);

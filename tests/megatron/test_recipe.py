@@ -13,7 +13,8 @@ MTP is not in the recipe: with PP > 1 it is refused at argument validation (Mega
 all-reduces the embedding gradients between the first and last stage when MTP is on, a
 coupling a stage-local replay cannot reproduce); tests/megatron/test_refusals.py checks that.
 
-Cells: one rank, both stages, a fault during conversion, a warm spare replacing a killed rank.
+Cells: one rank, both stages, a fault during conversion, a reserve rank replacing a killed rank
+(--inprocess-restart).
 """
 
 import pytest

@@ -17,7 +17,7 @@ EXPECTED_FLAGS = {
     "--moetion-heartbeat-interval-s", "--moetion-detect-timeout-s",
     "--moetion-host-memory-cap-mb", "--moetion-oracle-interval",
     # testing and debugging
-    "--moetion-node-id", "--moetion-debug-dump-dir", "--moetion-negative-control",
+    "--moetion-node-id", "--moetion-debug-dump-dir", "--moetion-debug-recovery-delay-s", "--moetion-negative-control",
     "--moetion-bench-baseline",
 }
 
