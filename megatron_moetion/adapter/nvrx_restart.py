@@ -255,6 +255,11 @@ def wrap_pretrain(pretrain):
     launcher = {key: os.environ[key] for key in ("RANK", "WORLD_SIZE")}
     active = int(args.inprocess_active_world_size)
     os.environ.update(RANK=str(int(launcher["RANK"]) % active), WORLD_SIZE=str(active))
+    if int(launcher["RANK"]) == 0 and not external_stores():
+        logger.warning("[moetion] initial rank 0 hosts the --inprocess-restart stores: its death "
+                       "ends the job. To make it replaceable, run python -m "
+                       "megatron_moetion.store_host and start every rank with "
+                       "MOETION_EXTERNAL_STORES=1")
     runner = _Runner(install(Runtime(restart_engine="nvrx")), args, launcher)
     return runner.wrap(pretrain), runner.app_store
 

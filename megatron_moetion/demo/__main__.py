@@ -119,7 +119,10 @@ def main(argv=None) -> int:
             shutil.rmtree(path)
     if run(base, clean, "fault-free run", args.timeout_s).returncode != 0:
         return 1
-    if run(base.replace(fault_plan=str(plan), spares=args.spares), faulted, "run with faults",
+    # with reserve ranks the launcher hosts the restart's stores (as store_host would): any
+    # rank, rank 0 included, can be replaced
+    if run(base.replace(fault_plan=str(plan), spares=args.spares,
+                        external_stores=args.spares > 0), faulted, "run with faults",
            args.timeout_s).returncode != 0:
         return 1
     comparison = compare_dumps(clean / "oracle", faulted / "oracle")
