@@ -137,7 +137,7 @@ if (( reserves > 0 )); then  # one process per GPU, as srun starts them
   procs=()
   for (( local = 0; local < gpus; local++ )); do
     procs+=("$(printf '%q ' env "${master[@]}" RANK=$(( node_rank * gpus + local )) \
-      LOCAL_RANK=$local WORLD_SIZE=$world LOCAL_WORLD_SIZE=$gpus \
+      LOCAL_RANK="$local" WORLD_SIZE="$world" LOCAL_WORLD_SIZE="$gpus" \
       MOETION_EXTERNAL_STORES=$(( ${EXTERNAL_STORES:-0} != 0 )) "${PYTHON:-python}" "$entry" \
       "${flags[@]}")")
   done

@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PATCHED_MEGATRON = Path(os.environ.get("MOETION_PATCHED_MEGATRON",
                                        REPO_ROOT / "build" / "megatron-patched"))
 DRIVER = Path(__file__).resolve().parent / "pretrain_moe_cpu.py"
+CPU_ENTRY = REPO_ROOT / "megatron_moetion" / "testing" / "cpu_entry.py"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class RunConfig:
     external_stores: bool = False  # the restart's stores in the launcher, not in rank 0
     # under ft_launcher with --enable-ft-package: its --ft-* arguments (None: torchrun)
     ft_launcher: tuple[str, ...] | None = None
+    # a patched Megatron-LM checkout's pretrain_gpt.py to run instead of the CPU driver
+    # (testing.cpu_entry); its checkout goes first on the path
+    entry: str = ""
     extra_flags: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -136,15 +140,15 @@ def megatron_flags(cfg: RunConfig, out_dir: Path) -> list[str]:
     return [str(f) for f in flags] + list(cfg.extra_flags)
 
 
-def run_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def run_env(extra: dict[str, str] | None = None, tree: Path = PATCHED_MEGATRON) -> dict[str, str]:
     """Environment for a worker: the patched Megatron tree and this repo first on the path."""
-    if not (PATCHED_MEGATRON / "megatron" / "training" / "training.py").exists():
+    if not (tree / "megatron" / "training" / "training.py").exists():
         raise FileNotFoundError(
-            f"no patched Megatron tree at {PATCHED_MEGATRON}; run `make patched-megatron` "
+            f"no patched Megatron tree at {tree}; run `make patched-megatron` "
             f"(scripts/check_patches.sh build/megatron-patched) first")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(PATCHED_MEGATRON), str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+        [str(tree), str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     env.pop("MOETION_FAULT_PLAN", None)  # faults come from RunConfig only
     env.update(extra or {})
     return env
@@ -172,20 +176,25 @@ def run_pretrain(cfg: RunConfig, out_dir: str | os.PathLike, *, timeout_s: float
         return tuple(p.stat().st_mtime_ns if p.exists() else None for p in watched)
 
     seconds = 0.0
+    if cfg.entry:  # a Megatron-LM checkout's own script, through the CPU support
+        script, first = CPU_ENTRY, [str(Path(cfg.entry).resolve())]
+        env = run_env(env, tree=Path(cfg.entry).resolve().parent)
+    else:
+        script, first, env = DRIVER, [], run_env(env)
     for _attempt in range(max_restarts + 1):
         before = stamp()
         if cfg.spares:
-            result = run_with_reserves(DRIVER, cfg.world_size, cfg.spares,
-                                       megatron_flags(cfg, out_dir),
+            result = run_with_reserves(script, cfg.world_size, cfg.spares,
+                                       first + megatron_flags(cfg, out_dir),
                                        log_path=out_dir / "log.txt",
-                                       timeout_s=timeout_s - seconds, env=run_env(env),
+                                       timeout_s=timeout_s - seconds, env=env,
                                        external_stores=cfg.external_stores)
         else:
             ft = {} if cfg.ft_launcher is None else {"launcher": FT_LAUNCHER,
                                                        "launcher_args": cfg.ft_launcher}
-            result = run_torchrun(DRIVER, cfg.world_size, megatron_flags(cfg, out_dir),
+            result = run_torchrun(script, cfg.world_size, first + megatron_flags(cfg, out_dir),
                                   log_path=out_dir / "log.txt", timeout_s=timeout_s - seconds,
-                                  env=run_env(env), python=sys.executable, **ft)
+                                  env=env, python=sys.executable, **ft)
         seconds += result.seconds
         if (result.returncode == 0 or result.timed_out or stamp() == before
                 or not (ckpt / "latest_checkpointed_iteration.txt").exists()):
