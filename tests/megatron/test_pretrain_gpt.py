@@ -33,6 +33,21 @@ def entry():
     return str(script)
 
 
+def test_its_parser_takes_the_moetion_flags(entry):
+    # the image's build check (Dockerfile), here against the checkout
+    import subprocess
+    import sys
+
+    code = ("from megatron_moetion.testing import cpu_support; cpu_support.install()\n"
+            "import sys; sys.argv = ['pretrain_gpt.py', '--moetion', '--moetion-window', '3']\n"
+            "from megatron.training.arguments import parse_args; args = parse_args()\n"
+            "assert args.moetion and args.moetion_window == 3\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([CHECKOUT, str(Path(__file__).parents[2])])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def recoveries(out):
     """One recovery record per fault iteration (every rank writes its own)."""
     records = [r for recs in read_metrics(out / "metrics").values() for r in recs]
