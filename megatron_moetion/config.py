@@ -27,9 +27,11 @@ ENV_FAULT_PLAN = "MOETION_FAULT_PLAN"
 # "stale_survivors": survivors of an in-place replacement lose their optimizer state.
 # "recovery_in_step_section": under --enable-ft-package a recovery stays inside FT's "step"
 # section (its step timeout must then end the rank).
+# "buddy_sends_own_data": at PP = 1 a buddy sends a failed rank its own micro-batches instead of
+# the ones the failed rank shipped it (the survivors' self-check is off, unless "keep_checks").
 NEGATIVE_CONTROLS = ("skip_conversion", "keep_checks", "skip_rng_restore", "skip_buffer_restore",
                      "group_step_off_by_one", "flip_frozen_ulp", "stale_survivors",
-                     "recovery_in_step_section")
+                     "recovery_in_step_section", "buddy_sends_own_data")
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:

@@ -11,7 +11,8 @@ Log coverage is a contiguous range of iterations (``LogStore.coverage``). Logs d
 because host memory hit its cap (``--moetion-host-memory-cap-mb``) shorten it, so a window whose
 replay would need them is passed over, and with none left the plan is a fallback: never a replay
 with missing inputs. Micro-batches and global scalars a replaying rank lacks (lost with it, or
-dropped) come from a rank that holds them (its pipeline partner; any rank).
+dropped) come from a rank that holds them (its pipeline partner, or at PP = 1, where there is
+none, a buddy the rank shipped them to; global scalars from any rank).
 
 The replay covers ``anchor_start + 1 .. fault_iteration - 1``: the first ``window - 1``
 iterations convert the sparse window into a dense state, the rest catch up. The aborted
@@ -35,6 +36,10 @@ class Holdings:
     replicas: dict[int, dict[int, tuple[int, int]]] = field(default_factory=dict)  # owner -> id
     logs: dict[str, tuple[int, int] | None] = field(default_factory=dict)  # kind -> (lo, hi)
     data_partner_ok: bool = True  # its pipeline partner reads the same micro-batches
+    data_replicas: dict[int, tuple[int, int] | None] = field(default_factory=dict)  # owner ->
+    # whether its schedule reads micro-batches from a data iterator (None: by its stage, first
+    # or last; with TP > 1 only TP rank 0 reads, the others receive them by broadcast)
+    reads_data: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ class Transfer:
     src: int
     dst: int
     window_id: int | None = None
-    owner: int | None = None  # whose window (for kind == 'window')
+    owner: int | None = None  # whose window, or whose micro-batches a buddy sends
     iterations: tuple[int, int] | None = None  # inclusive range
 
 
@@ -87,9 +92,31 @@ def _covers(span: tuple[int, int] | None, lo: int, hi: int) -> bool:
     return span is not None and span[0] <= lo and hi <= span[1]
 
 
-def _reads_data(topology: Topology, rank: int) -> bool:
-    info = topology.infos[rank]
+def _reads_data(topology: Topology, holding: Holdings) -> bool:
+    if holding.reads_data is not None:
+        return holding.reads_data
+    info = topology.infos[holding.rank]
     return info.stage == 0 or info.stage == len(info.pipeline) - 1
+
+
+def _data_source(topology: Topology, holdings: dict[int, Holdings], rank: int,
+                 need: tuple[int, int], alive: list[int]) -> tuple[Transfer | None, str]:
+    """Who can send ``rank`` the micro-batches it read in ``need``: its pipeline partner, else
+    (PP = 1) a live buddy holding its shipped copies; (None, why) if nobody can."""
+    what = f"the micro-batches it read in iterations {need[0]}-{need[1]}"
+    partner = topology.data_partner(rank)
+    if partner is not None:
+        if (holdings[partner].lost or not holdings[rank].data_partner_ok
+                or not _covers(holdings[partner].logs.get("data"), *need)):
+            return None, f"{what} (its pipeline partner {partner} cannot supply them)"
+        return Transfer("data", partner, rank, iterations=need), ""
+    buddies = topology.buddies(rank)
+    source = next((b for b in buddies if b in alive and b != rank
+                   and _covers(holdings[b].data_replicas.get(rank), *need)), None)
+    if source is None:
+        return None, (f"{what} (no pipeline partner, and none of its buddies {buddies} holds "
+                      f"them all)")
+    return Transfer("data", source, rank, owner=rank, iterations=need), ""
 
 
 def plan_recovery(topology: Topology, failed: list[int], fault_iteration: int,
@@ -152,18 +179,16 @@ def plan_recovery(topology: Topology, failed: list[int], fault_iteration: int,
                                f"gone")
                 else:
                     transfers.append(Transfer(kind, neighbour, r, iterations=(lo, hi)))
-            if _reads_data(topology, r):
+            if _reads_data(topology, holdings[r]):
                 need = (lo, fault_iteration)
                 if not _covers(holdings[r].logs.get("data"), *need):
-                    # lost with the rank, or dropped (host-memory cap): its partner read them too
-                    partner = topology.data_partner(r)
-                    if (partner is None or holdings[partner].lost
-                            or not holdings[r].data_partner_ok
-                            or not _covers(holdings[partner].logs.get("data"), *need)):
-                        lost[r] = (f"the micro-batches it read in iterations {need[0]}-{need[1]} "
-                                   f"(its pipeline partner {partner} cannot supply them)")
+                    # lost with the rank, or dropped (host-memory cap): its partner read them
+                    # too; at PP = 1 its buddies hold what it shipped them
+                    transfer, why = _data_source(topology, holdings, r, need, alive)
+                    if transfer is None:
+                        lost[r] = why
                     else:
-                        transfers.append(Transfer("data", partner, r, iterations=need))
+                        transfers.append(transfer)
         for r in replaying:  # a survivor may have dropped old records (host-memory cap) too
             if lo > hi or _covers(holdings[r].logs.get("record"), lo, hi):
                 continue

@@ -12,6 +12,13 @@ the copy of the persisted window and the newest copy (plus the one arriving). A 
 the two can never become the persisted window (only the newest shipped window is ever
 promoted), so it is returned to the host-buffer pool as soon as a newer one is kept.
 
+Where a rank's data cannot be re-read from a pipeline partner (PP = 1), it also ships the
+micro-batches it reads to the same buddies, one small *data round* per iteration
+(``ship_data``), queued on the same thread in the same order on every rank. A buddy keeps them
+(``DataCopies``) until they fall below the persisted window's start (``truncate_data``), so a
+failed rank's replay can read them back. Data rounds are not acknowledged: a missing iteration
+shows as a gap in ``data_held`` coverage, and a recovery that needs it falls back.
+
 The group is gloo on every machine: the windows live in (pinned) host memory, and this module's
 thread must never issue NCCL operations concurrently with training's (docs/design.md).
 
@@ -41,6 +48,7 @@ from megatron_moetion.transport import Parcel, ProcessGroupTransport
 logger = logging.getLogger(__name__)
 
 ROUND_TAG = 100  # tags 100.. are replication rounds; recovery uses its own range
+DATA_TAG = 300  # tags 300.. are data rounds
 
 
 @dataclass
@@ -86,6 +94,54 @@ class ReplicaStore:
         return sum(w.buffer.numel() for ws in self.copies.values() for w in ws.values())
 
 
+class DataCopies:
+    """The micro-batches other ranks read, held here: owner -> iteration -> serialized entries
+    (``LogStore.export("data", ...)``, decoded only when a recovery needs them)."""
+
+    def __init__(self):
+        self.blobs: dict[int, dict[int, bytes]] = {}
+        self.peak_iteration_bytes = 0
+
+    def put(self, owner: int, iteration: int, blob: bytes) -> None:
+        self.blobs.setdefault(owner, {})[iteration] = blob
+        self.peak_iteration_bytes = max(self.peak_iteration_bytes, len(blob))
+
+    def coverage(self, owner: int) -> tuple[int, int] | None:
+        """(first, last) of the newest contiguous run of ``owner``'s iterations held here."""
+        its = self.blobs.get(owner)
+        if not its:
+            return None
+        hi = max(its)
+        lo = hi
+        while lo - 1 in its:
+            lo -= 1
+        return lo, hi
+
+    def export(self, owner: int, iterations) -> bytes:
+        """``owner``'s entries of ``iterations`` in ``LogStore.export``'s format."""
+        import io
+
+        entries = {}
+        for it in iterations:
+            blob = self.blobs.get(owner, {}).get(it)
+            if blob is not None:
+                entries.update(torch.load(io.BytesIO(blob), weights_only=False))
+        buf = io.BytesIO()
+        torch.save(entries, buf)
+        return buf.getvalue()
+
+    def truncate(self, floor: int) -> None:
+        for its in self.blobs.values():
+            for it in [i for i in its if i <= floor]:
+                del its[it]
+
+    def clear(self) -> None:
+        self.blobs.clear()
+
+    def nbytes(self) -> int:
+        return sum(len(b) for its in self.blobs.values() for b in its.values())
+
+
 class Replicator:
     """Background buddy replication (see module docstring).
 
@@ -103,6 +159,9 @@ class Replicator:
         self.owners = list(owners)
         self.pool = pool
         self.store = ReplicaStore()
+        self.data = DataCopies()
+        self.data_bytes_sent = 0
+        self.data_failures = 0
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._idle = threading.Event()
@@ -143,6 +202,33 @@ class Replicator:
         self._idle.clear()
         self._queue.put((window, wid, corrupt))
 
+    def ship_data(self, iteration: int, blob: bytes) -> None:
+        """Queue a data round: ``blob`` (the micro-batches this rank read in ``iteration``) to
+        every buddy, while receiving each owner's of the same iteration; returns at once."""
+        if not self.buddies:
+            return
+        self._idle.clear()
+        self._queue.put(("data", iteration, blob))
+
+    def data_held(self) -> dict[int, tuple[int, int] | None]:
+        """owner -> the iterations of its micro-batches held here (``DataCopies.coverage``)."""
+        with self._lock:
+            return {o: self.data.coverage(o) for o in self.data.blobs}
+
+    @property
+    def data_peak_iteration_bytes(self) -> int:
+        """The most bytes one owner's micro-batches of one iteration took here."""
+        return self.data.peak_iteration_bytes
+
+    def data_export(self, owner: int, iterations) -> bytes:
+        with self._lock:
+            return self.data.export(owner, iterations)
+
+    def truncate_data(self, floor: int) -> None:
+        """Drop the micro-batches of iterations <= ``floor`` (no replay reads them)."""
+        with self._lock:
+            self.data.truncate(floor)
+
     def quiesce(self, timeout_s: float) -> bool:
         """Wait until no round is queued or running; False on timeout."""
         return self._idle.wait(timeout_s)
@@ -170,13 +256,14 @@ class Replicator:
 
     def held_bytes(self) -> int:
         with self._lock:
-            return self.store.nbytes()
+            return self.store.nbytes() + self.data.nbytes()
 
     def wipe(self) -> None:
         """Forget every replica held here (fault injection: lose_state)."""
         with self._lock:
             self._generation += 1
             self.store.clear(self.pool)
+            self.data.clear()
             self.acked_window = -1
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -190,6 +277,11 @@ class Replicator:
             if item is None:
                 self._idle.set()
                 return
+            if item[0] == "data":
+                self._data_round(*item[1:])
+                if self._queue.empty():
+                    self._idle.set()
+                continue
             window, wid, corrupt = item
             start = time.perf_counter()
             with self._lock:
@@ -244,6 +336,31 @@ class Replicator:
                 all_ok = False
                 reasons.append(f"buddy {buddy} did not keep it")
         return all_ok, "; ".join(reasons)
+
+
+    def _data_round(self, iteration: int, blob: bytes) -> None:
+        with self._lock:
+            generation = self._generation
+        parcel = Parcel(torch.empty(0, dtype=torch.uint8), blob, (iteration, 2))
+        for j, (buddy, owner) in enumerate(zip(self.buddies, self.owners)):
+            try:
+                got = self.transport.exchange(send_to=buddy, parcel=parcel, recv_from=owner,
+                                              tag=DATA_TAG + j)
+            except Exception as exc:  # noqa: BLE001  (never raise into training)
+                self.data_failures += 1
+                logger.warning("[moetion] data round of iteration %d with buddy %d failed: %s",
+                               iteration, buddy, f"{type(exc).__name__}: {exc}")
+                return
+            self.data_bytes_sent += len(blob)
+            ok = got.ok and tuple(got.parcel.ids[:2]) == (iteration, 2)
+            if not ok:
+                self.data_failures += 1
+                logger.warning("[moetion] rank %d's micro-batches of iteration %d arrived "
+                               "corrupt (%s); not kept", owner, iteration, got.reason)
+                continue
+            with self._lock:
+                if generation == self._generation:
+                    self.data.put(owner, iteration, got.parcel.blob)
 
 
 def new_group_for(ranks=None, backend: str = "gloo", timeout_s: float = 300.0):

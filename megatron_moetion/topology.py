@@ -49,6 +49,11 @@ class Topology:
         self.num_buddies = len(self._buddies[0]) if self._buddies else 0
         self.capped = self.num_buddies < replication_factor
 
+    @property
+    def single_stage(self) -> bool:
+        """PP = 1: every rank is its pipeline's only stage (no boundaries to localize on)."""
+        return all(len(i.pipeline) == 1 for i in self.infos.values())
+
     def stage_of(self, rank: int) -> int:
         return self.infos[rank].stage
 

@@ -183,7 +183,8 @@ class HostMemoryCap:
 
     def limit(self) -> int | None:
         """The cap in bytes. Automatic (``cap_bytes == 0``): ``3 + 3 * owners`` times the
-        largest window held (own or a buddy's copy), plus the largest iteration's logs times
+        largest window held (own or a buddy's copy), plus the largest iteration's logs (and, at
+        PP = 1, each owner's largest iteration of micro-batches held here) times
         ``3W + 2 * max(W, R)`` iterations (R: the longest acknowledged round, in iterations);
         None until the first window opened."""
         if self.cap_bytes:
@@ -194,7 +195,8 @@ class HostMemoryCap:
             return None
         windows = OWN_WINDOWS + COPIES_PER_OWNER * len(self.replicator.owners)
         log_iters = (2 + AUTO_HEADROOM_WINDOWS) * w + 2 * max(w, self.windows.longest_round_iters)
-        return windows * window_bytes + log_iters * self.logs.peak_iteration_bytes
+        data_copies = len(self.replicator.owners) * self.replicator.data_peak_iteration_bytes
+        return windows * window_bytes + log_iters * (self.logs.peak_iteration_bytes + data_copies)
 
     def windows_bytes(self) -> int:
         """Own windows, free pool buffers and buddy copies."""
@@ -212,6 +214,8 @@ class HostMemoryCap:
             return
         logs_before = self.logs.nbytes()
         dropped = self.logs.shed(max(0, cap - held), keep_from=iteration)
+        if dropped:  # other ranks' micro-batches of the dropped iterations go too (PP = 1)
+            self.replicator.truncate_data(self.logs.floor)
         if not self.warned and (dropped or held + self.logs.nbytes() > cap):
             self.warned = True
             self._warn(cap, held, logs_before)

@@ -40,6 +40,16 @@ logger = logging.getLogger(__name__)
 RECOVERY_TAG = 10_000
 
 
+def _scope(topology, plan: RecoveryPlan) -> str:
+    """Who replays, in words (the report's ``scope``)."""
+    if plan.paused:
+        return "the failed ranks' stages replay, the other stages pause"
+    if topology.single_stage:
+        return ("every rank replays: with PP = 1 there are no pipeline boundaries to localize "
+                "on (the failed ranks' micro-batches come from their buddies)")
+    return "every rank replays: the failed ranks span every stage, or upstream logging is off"
+
+
 class RecoveryCoordinator:
     """This rank's part of every localized recovery (see the module docstring).
 
@@ -55,6 +65,7 @@ class RecoveryCoordinator:
         lost: this rank lost its state and waits to be restored.
         role: ``"replaying"`` or ``"paused"`` while a recovery runs, else None.
         data_partner_ok: this rank's pipeline partner reads the same micro-batches.
+        reads_data: this rank's schedule read micro-batches in its last forward-backward.
     """
 
     def __init__(self, cfg, policy: FailurePolicy, pipeline, upstream, fire, shutdown):
@@ -64,6 +75,7 @@ class RecoveryCoordinator:
         self.lost = False
         self.role: str | None = None
         self.data_partner_ok = True
+        self.reads_data: bool | None = None
 
     def rebind(self, ctx, objects) -> None:
         self.ctx, self.objects = ctx, objects
@@ -97,7 +109,8 @@ class RecoveryCoordinator:
     def holdings(self) -> Holdings:
         logs = {k: self.upstream.store.coverage(k) for k in ("fwd", "bwd", "data", "record")}
         return Holdings(self.ctx.rank, self.lost, self.pipeline.held_windows(),
-                        self.pipeline.held_replicas(), logs, self.data_partner_ok)
+                        self.pipeline.held_replicas(), logs, self.data_partner_ok,
+                        self.pipeline.held_data(), self.reads_data)
 
     # ------------------------------------------------------------------ the recovery
     def recover(self, failed, fault_iteration: int, start_state: dict, agreed, kwargs: dict,
@@ -122,7 +135,8 @@ class RecoveryCoordinator:
             plan = plan_recovery(ctx.topology, sorted(failed), fault_iteration, holdings,
                                  upstream_logging=self.cfg.upstream_logging)
             phase("plan", t0)
-            details.update(ranks_replaying=list(plan.replaying), ranks_paused=list(plan.paused))
+            details.update(ranks_replaying=list(plan.replaying), ranks_paused=list(plan.paused),
+                           scope=_scope(ctx.topology, plan))
             self.role = "replaying" if ctx.rank in plan.replaying else "paused"
             if plan.fallback:
                 self._fall_back(plan, details)
@@ -199,8 +213,11 @@ class RecoveryCoordinator:
                                     (w.window_id,), w.crc)
                 else:
                     lo, hi = tr.iterations
-                    parcel = Parcel(torch.empty(0, dtype=torch.uint8),
-                                    logs.export(tr.kind, range(lo, hi + 1)))
+                    from_copies = (tr.kind == "data" and tr.owner is not None
+                                   and "buddy_sends_own_data" not in self.cfg.negative_controls)
+                    blob = (self.pipeline.data_replica(tr.owner, range(lo, hi + 1))
+                            if from_copies else logs.export(tr.kind, range(lo, hi + 1)))
+                    parcel = Parcel(torch.empty(0, dtype=torch.uint8), blob)
                 transport.send(tr.dst, parcel, tag)
                 got["bytes_out"] += parcel.data.numel() + len(parcel.blob)
             if tr.dst == rank:
@@ -248,7 +265,8 @@ class RecoveryCoordinator:
 
         rank, objects = self.ctx.rank, self.objects
         controls = self.cfg.negative_controls
-        check = "skip_conversion" not in controls or "keep_checks" in controls
+        check = (not controls & {"skip_conversion", "buddy_sends_own_data"}
+                 or "keep_checks" in controls)
         if rank in plan.replaying and rank not in plan.failed and check:
             problems = []
             if fingerprint != objects.state.fingerprint():

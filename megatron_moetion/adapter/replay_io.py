@@ -13,8 +13,9 @@
 In 1F1B each stage sends and receives forward activations, and backward gradients, in
 micro-batch order, so per-direction counters give the micro-batch ids.
 
-``RecordingIterator`` logs what the data iterator returns; ``ReplayIterator`` returns logged
-micro-batches again.
+``RecordingIterator`` logs what the data iterator returns; ``ReadAheadIterator`` reads an
+iteration's micro-batches before the schedule runs (at PP = 1 they are shipped to the buddies
+first); ``ReplayIterator`` returns logged micro-batches again.
 """
 
 from __future__ import annotations
@@ -132,6 +133,31 @@ class RecordingIterator:
         item = next(self.inner)
         self.flow.on_data(item)
         return item
+
+
+class ReadAheadIterator:
+    """Reads ``n`` items of ``inner`` at once, then hands them out in order. The schedule
+    asks for exactly one item per micro-batch (Megatron's ``get_batch``); asking for more
+    is refused, since what was read ahead (and shipped) would then not be the whole
+    iteration."""
+
+    def __init__(self, inner: Iterator, n: int):
+        self.items = [next(inner) for _ in range(n)]
+        self.pos = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.pos >= len(self.items):
+            from megatron_moetion.errors import UnsupportedConfigurationError
+
+            raise UnsupportedConfigurationError(
+                f"--moetion with --pipeline-model-parallel-size 1 reads each iteration's "
+                f"{len(self.items)} micro-batches ahead (one per micro-batch) to ship them to "
+                f"the buddies, but this forward_step asked for more")
+        self.pos += 1
+        return self.items[self.pos - 1]
 
 
 class ReplayIterator:

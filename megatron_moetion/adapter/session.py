@@ -187,6 +187,8 @@ class MoEtionSession:
                 session.upstream.begin(session.iteration)
                 if rerun:
                     call["data_iterator"] = session.upstream.replay_iterator(session.iteration)
+                elif template.get("data_iterator") is not None and session.pipeline.ships_data:
+                    call["data_iterator"] = session._read_ahead_and_ship(template)
                 elif template.get("data_iterator") is not None:
                     call["data_iterator"] = session.upstream.recording(template["data_iterator"])
                 session.objects.probe.begin_iteration()
@@ -194,12 +196,24 @@ class MoEtionSession:
                 out = forward_backward_func(**call)
                 if not rerun:
                     session.pipeline.note_fwd_bwd(time.perf_counter() - start)
+                    session.recovery.reads_data = session.upstream.items_read() > 0
                 session.fire("step")
                 if not session._agree_and_recover(template, forward_backward_func):
                     return out
                 rerun = True
 
         return moetion_forward_backward
+
+    def _read_ahead_and_ship(self, template):
+        """PP = 1: read the iteration's micro-batches before the schedule and ship them to the
+        buddies, so that a rank failing during it can replay it (nobody else read them)."""
+        ahead = self.upstream.read_ahead(template["data_iterator"],
+                                         template["num_microbatches"])
+        t0 = time.perf_counter()
+        self.pipeline.ship_data(self.iteration,
+                                self.upstream.store.export("data", [self.iteration]))
+        self._stall += time.perf_counter() - t0
+        return ahead
 
     def _agree_and_recover(self, template, forward_backward_func) -> bool:
         """The per-iteration agreement; on failures run the recovery, return True to re-run."""
@@ -252,7 +266,9 @@ class MoEtionSession:
         for fault in fail_after:
             self._carry_out(fault)  # while the round runs: its copies may or may not arrive
         if "persisted_start" in out:
-            self.upstream.store.truncate(out.pop("persisted_start"))
+            floor = out.pop("persisted_start")
+            self.upstream.store.truncate(floor)
+            self.pipeline.truncate_data(floor)
         self._iter.update(out)
         args = self.objects.args
         self.start_state = {

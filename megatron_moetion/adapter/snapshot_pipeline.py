@@ -44,6 +44,8 @@ class SnapshotPipeline:
                                            ctx.gather)
         self.host_memory = HostMemoryCap(cfg.host_memory_cap_bytes, self.windows,
                                          self.replicator, logs, ctx.rank)
+        # PP = 1: no pipeline partner reads a rank's micro-batches too; its buddies keep them
+        self.ships_data = bool(ctx.topology.buddies(ctx.rank)) and ctx.topology.single_stage
 
     # ------------------------------------------------------------------ generations
     def release(self) -> None:
@@ -87,6 +89,20 @@ class SnapshotPipeline:
 
     def note_fwd_bwd(self, seconds: float) -> None:
         self.schedule.fwd_bwd_times.append(seconds)
+
+    def ship_data(self, iteration: int, blob: bytes) -> None:
+        """The micro-batches this rank read in ``iteration`` to its buddies (``ships_data``)."""
+        self.replicator.ship_data(iteration, blob)
+
+    def truncate_data(self, floor: int) -> None:
+        self.replicator.truncate_data(floor)
+
+    def held_data(self) -> dict[int, tuple[int, int] | None]:
+        """Other ranks' micro-batches held here: owner -> (first, last) iteration."""
+        return self.replicator.data_held()
+
+    def data_replica(self, owner: int, iterations) -> bytes:
+        return self.replicator.data_export(owner, iterations)
 
     def proposal(self) -> int:
         return self.schedule.proposal()
@@ -164,6 +180,9 @@ class SnapshotPipeline:
             corrupt_copies_detected=self.replicator.corrupt_detected,
             host_allocations=self.engine.pool.allocations,
             replication_last_s=rounds[-1].seconds if rounds else None,
+            data_replica_bytes=self.replicator.data.nbytes(),
+            data_bytes_shipped=self.replicator.data_bytes_sent,
+            data_round_failures=self.replicator.data_failures,
             windows_skipped=self.windows.skipped,
             persisted_window=(self.windows.persisted.window_id
                               if self.windows.persisted is not None else None),

@@ -12,6 +12,7 @@ from __future__ import annotations
 from megatron_moetion.adapter.replay_io import (
     FlowControl,
     MoEtionP2PCommunicator,
+    ReadAheadIterator,
     RecordingIterator,
     ReplayIterator,
 )
@@ -64,6 +65,14 @@ class UpstreamLog:
 
     def recording(self, data_iterator) -> RecordingIterator:
         return RecordingIterator(data_iterator, self._flow)
+
+    def read_ahead(self, data_iterator, num_microbatches: int) -> ReadAheadIterator:
+        """Read (and log) an iteration's ``num_microbatches`` micro-batches now."""
+        return ReadAheadIterator(self.recording(data_iterator), num_microbatches)
+
+    def items_read(self) -> int:
+        """Micro-batches this rank's data iterator returned in the current iteration."""
+        return self._flow.data_index
 
     def replay_iterator(self, iteration: int) -> ReplayIterator:
         return ReplayIterator(self.store.data_for(iteration), iteration)

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     losses = losses_by_iteration(load_dump(faulted / "oracle"))
     summary = {
         "megatron_version": megatron_version(),
-        "parallel": {"tp": 1, "pp": base.pp, "ep": base.ep, "dp": base.dp},
+        "parallel": {"tp": base.tp, "pp": base.pp, "ep": base.ep, "dp": base.dp},
         "world_size": base.world_size,
         "iterations": len(losses),
         "losses": [losses[i] for i in sorted(losses)],

@@ -41,6 +41,7 @@ from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset 
 from megatron.core.enums import ModelType  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.utils import get_batch_on_this_tp_rank  # noqa: E402
 from megatron.training import get_args, get_tokenizer, pretrain  # noqa: E402
 from megatron.training.argument_utils import (  # noqa: E402
     core_transformer_config_from_args,
@@ -68,12 +69,26 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
 
 
 def get_batch(data_iterator, vp_stage=None):
-    """TP=1, CP=1: only the first and last pipeline stages read data."""
+    """CP=1: only the first and last pipeline stages read data; with TP > 1 only TP rank 0
+    reads it and broadcasts it to the others, as pretrain_gpt.py does."""
     first = mpu.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     last = mpu.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if not (first or last):
         return None, None, None, None, None
-    batch = next(data_iterator)
+    if mpu.get_tensor_model_parallel_world_size() == 1:
+        batch = next(data_iterator)
+    else:
+        args = get_args()
+        tp_rank = mpu.get_tensor_model_parallel_rank()
+        batch = get_batch_on_this_tp_rank(
+            next(data_iterator) if tp_rank == 0 else {},
+            broadcast_src_rank=mpu.get_tensor_model_parallel_src_rank(),
+            broadcast_group=mpu.get_tensor_model_parallel_group(), has_cu_seqlens=False,
+            is_hybrid_cp=False, create_attention_mask_in_dataloader=False, cp_size=1,
+            tp_rank=tp_rank, micro_batch_size=args.micro_batch_size,
+            seq_length=args.seq_length, mtp_on_this_rank=False,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            is_pipeline_first_stage=first, is_pipeline_last_stage=last)
     return (batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("attention_mask"),
             batch["position_ids"])
 
@@ -103,7 +118,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False)
     return BlendedMegatronDatasetBuilder(
-        MockGPTDataset, train_val_test_num_samples, lambda: True, config).build()
+        MockGPTDataset, train_val_test_num_samples,
+        lambda: mpu.get_tensor_model_parallel_rank() == 0, config).build()
 
 
 train_valid_test_datasets_provider.is_distributed = True

@@ -44,6 +44,8 @@ class RunConfig:
     pp: int = 2
     ep: int = 2
     dp: int = 2
+    tp: int = 1  # with MoE, TP > 1 turns sequence parallel on (MoELayer requires it)
+    etp: int = 1  # expert tensor parallel (--expert-tensor-parallel-size; Megatron's default: tp)
     train_iters: int = 12
     distributed_optimizer: bool = True
     # "adam" (torch AdamW, step per parameter), "group-step-adam" (step per parameter group,
@@ -72,7 +74,7 @@ class RunConfig:
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp
+        return self.tp * self.pp * self.dp
 
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -112,6 +114,9 @@ def megatron_flags(cfg: RunConfig, out_dir: Path) -> list[str]:
         "--eval-interval", 100000, "--seed", cfg.seed,
         "--moetion-oracle-dir", out_dir / "oracle",
     ]
+    if cfg.tp > 1:
+        flags += ["--tensor-model-parallel-size", cfg.tp, "--sequence-parallel",
+                  "--expert-tensor-parallel-size", cfg.etp]
     if cfg.distributed_optimizer:
         flags.append("--use-distributed-optimizer")
     if cfg.bf16:
@@ -150,6 +155,7 @@ def run_env(extra: dict[str, str] | None = None, tree: Path = PATCHED_MEGATRON) 
     env["PYTHONPATH"] = os.pathsep.join(
         [str(tree), str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     env.pop("MOETION_FAULT_PLAN", None)  # faults come from RunConfig only
+    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # Megatron asks it with TP > 1
     env.update(extra or {})
     return env
 

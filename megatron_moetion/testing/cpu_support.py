@@ -7,8 +7,8 @@ workaround lives in ``tests/megatron/test_cpu_support.py``. ``MOETION_CPU_DISABL
 single workarounds off, to see what breaks without them.
 
 Workarounds for ``megatron/core``: nvrx_version, paged_stash, rng, streams, current_device,
-moe_dtoh, device_mode. For ``megatron/training``: typing_override, allow_no_cuda, device_count,
-compile_helpers. For loading a DistributedOptimizer checkpoint with the torch.optim fallback
+moe_dtoh, sequence_parallel_norm, device_mode. For ``megatron/training``: typing_override, allow_no_cuda, device_count,
+device_arch, compile_helpers. For loading a DistributedOptimizer checkpoint with the torch.optim fallback
 (no Apex/TE, so also on GPU without them; ``testing.distopt_loading``): distopt_step_key,
 distopt_init_state, distopt_load_state. Speed only: inprocess_ckpt_queue. For ``--inprocess-restart``:
 inprocess_nccl_init. For ``--enable-ft-package`` with nvidia-resiliency-ext 0.4.1: ft_warmup_iters.
@@ -34,8 +34,9 @@ from megatron_moetion.testing.distopt_loading import (  # noqa: F401  (the probe
 
 ENV_DISABLE = "MOETION_CPU_DISABLE"
 WORKAROUNDS = (
-    "nvrx_version", "paged_stash", "rng", "streams", "current_device", "moe_dtoh", "device_mode",
-    "typing_override", "allow_no_cuda", "device_count", "compile_helpers",
+    "nvrx_version", "paged_stash", "rng", "streams", "current_device", "moe_dtoh",
+    "sequence_parallel_norm", "device_mode",
+    "typing_override", "allow_no_cuda", "device_count", "device_arch", "compile_helpers",
     "distopt_step_key", "distopt_init_state", "distopt_load_state", "inprocess_ckpt_queue",
     "inprocess_nccl_init", "ft_warmup_iters",
 )
@@ -314,12 +315,56 @@ def _patch_ft_warmup_iters() -> None:
     RankMonitorClient.init_workload_monitoring = init_workload_monitoring
 
 
+# --- megatron/core/transformer/torch_norm.py WrappedTorchNorm (the norm of the local layer
+#     spec without TE/Apex) asserts "sequence parallel not supported by torch LayerNorm", and
+#     MoELayer refuses TP > 1 without sequence parallel, so MoE with TP > 1 cannot run on CPU.
+#     A torch norm is correct under sequence parallel if, as TE's and Apex's norms do
+#     (fusions/fused_layer_norm.py), its weight and bias are marked ``sequence_parallel``: then
+#     finalize_model_grads._allreduce_non_tensor_model_parallel_grads sums their gradients over
+#     the TP group (each TP rank normalizes its own slice of the sequence). Build the norm as
+#     for a config without sequence parallel, and mark its parameters.
+def _patch_sequence_parallel_norm() -> None:
+    import copy
+
+    from megatron.core.transformer import torch_norm
+
+    original = torch_norm.WrappedTorchNorm.__new__
+    originals["WrappedTorchNorm.__new__"] = original
+
+    def __new__(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original(cls, config, hidden_size, eps, *args, **kwargs)
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = original(cls, plain, hidden_size, eps, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)
+
+
 _CORE = (
     ("rng", _patch_rng), ("streams", _patch_streams),
     ("current_device", _patch_current_device), ("moe_dtoh", _patch_moe_dtoh),
+    ("sequence_parallel_norm", _patch_sequence_parallel_norm),
 )
+# --- megatron/training/arguments.py validate_args: with TP > 1 (or CP > 1) it asks
+#     get_device_arch_version() (megatron/training/utils/common_utils.py, imported by name),
+#     which reads torch.cuda.get_device_properties: "Torch not compiled with CUDA enabled". No
+#     device is a pre-Blackwell one (0): validation then asks CUDA_DEVICE_MAX_CONNECTIONS=1, as
+#     on Hopper (the CPU runner sets it, as scripts/pretrain_gpt.sh does).
+def _patch_device_arch() -> None:
+    from megatron.training import arguments
+    from megatron.training.utils import common_utils
+
+    originals["common_utils.get_device_arch_version"] = common_utils.get_device_arch_version
+    common_utils.get_device_arch_version = arguments.get_device_arch_version = lambda: 0
+
+
 _TRAINING = (
     ("allow_no_cuda", _patch_allow_no_cuda), ("device_count", _patch_device_count),
+    ("device_arch", _patch_device_arch),
     ("compile_helpers", _patch_compile_helpers),
     ("distopt_step_key", lambda: distopt_loading.patch_distopt_step_key(originals)),
     ("distopt_init_state", lambda: distopt_loading.patch_distopt_init_state(originals)),

@@ -173,6 +173,41 @@ def _():
     assert "step" not in opt.optimizer.param_groups[0]  # a run that never restarted has none
 
 
+@check("device_arch")
+def _():
+    from megatron.training import arguments
+    from megatron.training.utils import common_utils
+
+    assert arguments.get_device_arch_version() == 0 == common_utils.get_device_arch_version()
+    try:
+        cpu_support.originals["common_utils.get_device_arch_version"]()
+    except (AssertionError, RuntimeError) as e:
+        assert "CUDA" in str(e)
+    else:
+        raise AssertionError("the original asked no CUDA device")
+
+
+@check("sequence_parallel_norm")
+def _():
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2,
+                               tensor_model_parallel_size=2, sequence_parallel=True)
+    norm = WrappedTorchNorm(config, 8)
+    assert isinstance(norm, torch.nn.LayerNorm) and config.sequence_parallel
+    assert all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
+    plain = WrappedTorchNorm(TransformerConfig(num_layers=1, hidden_size=8,
+                                               num_attention_heads=2), 8)
+    assert not any(getattr(p, "sequence_parallel", False) for p in plain.parameters())
+    try:
+        cpu_support.originals["WrappedTorchNorm.__new__"](WrappedTorchNorm, config, 8)
+    except AssertionError as e:
+        assert "sequence parallel not supported" in str(e)
+    else:
+        raise AssertionError("the unpatched WrappedTorchNorm accepted sequence parallel")
+
+
 @check("ft_warmup_iters")
 def _():
     import inspect

@@ -137,7 +137,7 @@ def test_automatic_cap_is_sized_from_the_window_and_bounds_a_stall_too():
 class SlowButAcked:
     """A replicator stand-in: rounds take as long as the test says, and are acknowledged."""
 
-    owners, largest_copy = [1], 0
+    owners, largest_copy, data_peak_iteration_bytes = [1], 0, 0
 
     def start_round(self, window, corrupt=False, window_id=None):
         pass

@@ -128,3 +128,48 @@ def test_a_rank_recovered_earlier_in_the_same_recovery_is_never_its_own_source()
     assert all(x.src != x.dst for x in plan.transfers)
     assert not any(x.dst == 1 and x.kind in ("window", "data", "record") for x in plan.transfers)
     assert any(x.dst == 0 and x.kind == "record" and x.src == 1 for x in plan.transfers)
+
+
+def single_stage_holdings(t, failed, data_copies=(1, 12), drop_from=None):
+    """PP = 1: every rank also holds the micro-batches its owners shipped it."""
+    h = holdings(t, failed)
+    out = {}
+    for x, hold in h.items():
+        copies = {} if hold.lost else {o: data_copies for o in t.owners(x)}
+        if drop_from is not None and x == drop_from:
+            copies = {}
+        out[x] = Holdings(x, hold.lost, hold.windows, hold.replicas, hold.logs,
+                          data_partner_ok=False, data_replicas=copies)
+    return out
+
+
+def test_pp1_every_rank_replays_and_the_failed_rank_reads_its_data_from_a_buddy():
+    t = topo(pp=1, dp=4, r=2)
+    assert t.single_stage and not topo().single_stage
+    plan = plan_recovery(t, [2], 11, single_stage_holdings(t, [2]))
+    assert not plan.fallback, plan.reason
+    assert plan.replaying == (0, 1, 2, 3) and plan.paused == ()
+    data = [x for x in plan.transfers if x.kind == "data"]
+    assert [(x.src, x.dst, x.owner, x.iterations) for x in data] == [(3, 2, 2, (6, 11))]
+    assert not any(x.kind in ("fwd", "bwd") for x in plan.transfers)
+
+
+def test_pp1_falls_back_when_no_buddy_holds_the_data():
+    t = topo(pp=1, dp=4, r=1)
+    plan = plan_recovery(t, [2], 11, single_stage_holdings(t, [2], drop_from=3))
+    assert plan.fallback and "none of its buddies [3] holds them all" in plan.lost[2]
+    short = single_stage_holdings(t, [2], data_copies=(8, 12))  # iterations 6, 7 are gone
+    assert plan_recovery(t, [2], 11, short).fallback
+
+
+def test_a_rank_that_reads_no_data_needs_none():
+    """TP > 1: only TP rank 0 reads micro-batches; the others get them by broadcast."""
+    t = topo()
+    h = holdings(t, [1])
+    h = {x: Holdings(x, v.lost, v.windows, v.replicas, v.logs, reads_data=(x != 1 and x != 3))
+         for x, v in h.items()}
+    h[3] = Holdings(3, False, h[3].windows, h[3].replicas,
+                    {k: v for k, v in h[3].logs.items() if k != "data"}, reads_data=False)
+    plan = plan_recovery(t, [1], 11, h)
+    assert not plan.fallback, plan.reason
+    assert not any(x.kind == "data" for x in plan.transfers)
