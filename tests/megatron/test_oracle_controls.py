@@ -92,7 +92,8 @@ GROUP_STEP = BIAS.replace(optimizer="group-step-adam", num_layers=8)
 
 
 @pytest.mark.parametrize("control, named", [
-    ("group_step_off_by_one", "rank 1, state at iteration 12, optim0/group0/step: "),
+    pytest.param("group_step_off_by_one", "rank 1, state at iteration 12, optim0/group0/step: ",
+                 marks=pytest.mark.extended),
     ("flip_frozen_ulp", "rank 1, state at iteration 12, "),
 ], ids=["group_step_off_by_one", "one_ulp_in_a_frozen_expert"])
 def test_group_step_and_frozen_weight_errors_fail_the_oracle(run_cache, run_ok, tmp_path,

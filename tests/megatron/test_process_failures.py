@@ -74,6 +74,7 @@ def test_killed_rank_rolls_back_to_the_checkpoint(run_cache, run_ok, tmp_path, p
     run_with(run_cache, run_ok, tmp_path, plan)
 
 
+@pytest.mark.extended
 def test_killed_middle_stage_at_the_optimizer_step(run_cache, run_ok, tmp_path):
     run_with(run_cache, run_ok, tmp_path, "rank=2,iter=10,phase=step,kind=kill", base=PP4)
 

@@ -61,14 +61,16 @@ def test_several_ranks_in_different_stages(run_cache, run_ok, tmp_path):
     assert rec["failed"] == [0, 3] and rec["ranks_replaying"] == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("rank, phase", [(0, "fwd"), (2, "bwd"), (3, "step")],
+@pytest.mark.parametrize("rank, phase", [pytest.param(0, "fwd", marks=pytest.mark.extended),
+                                         (2, "bwd"), (3, "step")],
                          ids=["first_stage", "middle_stage", "last_stage"])
 def test_pp4_stage(run_cache, run_ok, tmp_path, rank, phase):
     (rec,) = check(run_cache, run_ok, tmp_path, PP4, lose((rank, 10, phase)))
     assert rec["ranks_replaying"] == [rank] and len(rec["ranks_paused"]) == 3
 
 
-@pytest.mark.parametrize("stages", [(0, 1), (1, 2), (2, 3), (0, 2)],
+@pytest.mark.parametrize("stages", [pytest.param((0, 1), marks=pytest.mark.extended), (1, 2),
+                                    pytest.param((2, 3), marks=pytest.mark.extended), (0, 2)],
                          ids=["first_two", "middle_two", "last_two", "first_and_third"])
 def test_two_stages_lost_together(run_cache, run_ok, tmp_path, stages):
     a, b = stages
@@ -116,11 +118,13 @@ def test_faults_while_snapshotting_and_replicating(run_cache, run_ok, tmp_path):
     assert [r["fault_iteration"] for r in recs] == [8, 11]  # detected at the next agreement
 
 
+@pytest.mark.extended
 def test_plain_optimizer(run_cache, run_ok, tmp_path):
     (rec,) = check(run_cache, run_ok, tmp_path, PLAIN, lose((2, 9, "step")))
     assert rec["ranks_replaying"] == [2, 3]
 
 
+@pytest.mark.extended
 def test_sgd_with_momentum(run_cache, run_ok, tmp_path):
     # SGD keeps a momentum buffer per parameter and no step (Megatron's distributed optimizer
     # takes only Adam)
@@ -138,6 +142,7 @@ def test_every_copy_gone_falls_back_to_the_persistent_checkpoint(run_cache, run_
     assert "every copy of its window" in rec["reason"]
 
 
+@pytest.mark.extended
 def test_rank_and_both_of_its_buddies_fall_back_bitwise(run_cache, run_ok, tmp_path):
     # r=2: rank 0's buddies are ranks 1 and 2; all three lose their state together
     recs = check(run_cache, run_ok, tmp_path, DEMO,
