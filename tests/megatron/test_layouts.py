@@ -104,3 +104,20 @@ def test_etp2_failure_replays_its_stage(run_cache, run_ok, tmp_path):
     assert result.identical, result
     (rec,) = rank0_reports(out, "recovery")
     assert rec["failed"] == [3] and rec["ranks_replaying"] == [2, 3]
+
+
+@pytest.mark.extended
+def test_pp1_killed_rank_is_replaced_and_reads_its_data_from_its_buddies(run_cache, run_ok,
+                                                                         tmp_path):
+    """Under --inprocess-restart: the reserve rank re-reads the interrupted iteration from its
+    rebuilt data iterator; the iterations before it come from the dead rank's buddies."""
+    from test_inprocess_restart import recoveries, restarts, run_restarted
+
+    out, records = run_restarted(run_ok, tmp_path, "rank=1,iter=10,phase=bwd,kind=kill",
+                                 base=PP1, external_stores=True)
+    result = compare_dumps(run_cache.get(PP1) / "oracle", out / "oracle")
+    assert result.identical, result
+    assert {r["rank"] for r in restarts(records)} == {0, 2, 3}
+    rec = recoveries(records)[0]
+    assert rec["failed"] == [1] and rec["ranks_replaying"] == [0, 1, 2, 3]
+    assert "PP = 1" in rec["scope"]
