@@ -25,6 +25,39 @@ def rank0_reports(out, kind):
             if r.get("kind") == kind and r["rank"] == 0]
 
 
+def _read_ahead(rank, world):
+    from megatron_moetion.testing import cpu_support
+
+    cpu_support.install(training=False)
+    import torch
+
+    from megatron_moetion.adapter.upstream import UpstreamLog
+    from megatron_moetion.errors import UnsupportedConfigurationError
+
+    up = UpstreamLog(torch.device("cpu"), log_boundary=True)
+    up.begin(5)
+    source = iter([{"tokens": torch.full((2,), i)} for i in range(10)])
+    ahead = up.read_ahead(source, 3)
+    logged = [v["tokens"].tolist() for v in up.store.data_for(5)]  # before the schedule ran
+    served = [next(ahead)["tokens"].tolist() for _ in range(3)]
+    try:
+        next(ahead)
+        extra = None
+    except UnsupportedConfigurationError as e:
+        extra = str(e)
+    return {"logged": logged, "served": served, "read": up.items_read(),
+            "left": next(source)["tokens"].tolist(), "extra": extra}
+
+
+def test_reading_ahead_logs_first_serves_in_order_and_refuses_more():
+    from megatron_moetion.testing.dist import run_ranks
+
+    (out,) = run_ranks(_read_ahead, 1, timeout_s=120)
+    assert out["logged"] == out["served"] == [[0, 0], [1, 1], [2, 2]]
+    assert out["read"] == 3 and out["left"] == [3, 3]  # exactly one item per micro-batch
+    assert "--pipeline-model-parallel-size 1" in out["extra"] and "asked for more" in out["extra"]
+
+
 def test_pp1_reading_ahead_changes_nothing(run_cache):
     result = compare_dumps(run_cache.get(PP1.replace(moetion=False)) / "oracle",
                            run_cache.get(PP1) / "oracle")

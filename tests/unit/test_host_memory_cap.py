@@ -265,3 +265,22 @@ def test_a_replaying_survivor_that_dropped_records_and_data_gets_them_from_other
                                {**full, "data": (9, 12)})
     plan = plan_recovery(topo, [1], 11, holdings)
     assert plan.fallback and "micro-batches it read in iterations 6-11" in plan.reason
+
+
+def test_data_copies_cover_contiguous_iterations_and_truncate_with_the_floor():
+    from megatron_moetion.replication import DataCopies
+    from megatron_moetion.upstream_log import LogStore
+
+    logs = LogStore(torch.device("cpu"))
+    copies = DataCopies()
+    for it in (3, 4, 5, 7, 8):  # iteration 6's round failed
+        logs.log_data(it, 0, {"tokens": torch.full((2,), it)})
+        copies.put(owner=1, iteration=it, blob=logs.export("data", [it]))
+    assert copies.coverage(1) == (7, 8) and copies.coverage(2) is None  # the newest run only
+    got = LogStore.decode(copies.export(1, range(3, 6)))
+    assert sorted(got) == [(3, 0), (4, 0), (5, 0)] and got[(4, 0)]["tokens"].tolist() == [4, 4]
+    assert copies.peak_iteration_bytes == max(len(b) for b in copies.blobs[1].values())
+    copies.truncate(7)
+    assert sorted(copies.blobs[1]) == [8] and copies.nbytes() == len(copies.blobs[1][8])
+    copies.clear()
+    assert copies.nbytes() == 0 and copies.coverage(1) is None
