@@ -37,9 +37,13 @@ class Topology:
         infos: one ``RankInfo`` per rank (any order).
         replication_factor: wanted buddies per rank; capped by what the world allows (see
             ``num_buddies`` and ``capped``).
+        ring: interleaved (virtual) pipelines: the pipeline is a ring, the first stage receives
+            the activations of its later model chunks from the last stage (and sends it their
+            gradients), so every stage has both neighbours.
     """
 
-    def __init__(self, infos: Iterable[RankInfo], replication_factor: int):
+    def __init__(self, infos: Iterable[RankInfo], replication_factor: int, ring: bool = False):
+        self.ring = ring
         self.infos = {i.rank: i for i in infos}
         self.world_size = len(self.infos)
         if sorted(self.infos) != list(range(self.world_size)):
@@ -58,14 +62,20 @@ class Topology:
         return self.infos[rank].stage
 
     def prev_rank(self, rank: int) -> int | None:
-        """The rank that sends this rank its forward activations (None on the first stage)."""
+        """The rank that sends this rank its forward activations (None on the first stage,
+        unless the pipeline is a ring)."""
         info = self.infos[rank]
-        return info.pipeline[info.stage - 1] if info.stage > 0 else None
+        if info.stage > 0:
+            return info.pipeline[info.stage - 1]
+        return info.pipeline[-1] if self.ring and len(info.pipeline) > 1 else None
 
     def next_rank(self, rank: int) -> int | None:
-        """The rank that sends this rank its backward gradients (None on the last stage)."""
+        """The rank that sends this rank its backward gradients (None on the last stage,
+        unless the pipeline is a ring)."""
         info = self.infos[rank]
-        return info.pipeline[info.stage + 1] if info.stage + 1 < len(info.pipeline) else None
+        if info.stage + 1 < len(info.pipeline):
+            return info.pipeline[info.stage + 1]
+        return info.pipeline[0] if self.ring and len(info.pipeline) > 1 else None
 
     def data_partner(self, rank: int) -> int | None:
         """The other data-reading end of this rank's pipeline: first and last stages read the

@@ -3,8 +3,10 @@ per-iteration global scalars, kept in host memory for as long as recovery may ne
 
 Three kinds of entries, all keyed by iteration:
 
-* ``boundary``: (iteration, micro-batch, virtual chunk, direction) -> the tensor exactly as sent
-  (``fwd``: activation to the next stage; ``bwd``: gradient to the previous stage);
+* ``boundary``: (iteration, sequence number, 0, direction) -> the tensor exactly as sent
+  (``fwd``: activation to the next stage; ``bwd``: gradient to the previous stage; the number
+  counts sends per direction: the micro-batch in 1F1B, the position in the neighbour's stream
+  in the interleaved schedule; the third slot is unused);
 * ``data``: (iteration, index) -> the micro-batch object this rank's data iterator returned;
 * ``record``: iteration -> global scalars of that iteration (the grad norm used for clipping,
   found-inf flags, whether the step was applied, micro-batch count, samples consumed).

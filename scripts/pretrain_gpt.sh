@@ -14,8 +14,7 @@
 #   MOE_ARGS       NUM_EXPERTS=64 TOPK=6 DISPATCHER=alltoall GROUPED_GEMM=--moe-grouped-gemm
 #   PARALLEL_ARGS  TP=1 PP=2 EP=4 DIST_OPT=--use-distributed-optimizer
 #                  SP=0 (1: --sequence-parallel, needs TP > 1)
-#                  VPP=0 (N > 1: N virtual pipeline stages per rank; MoEtion refuses
-#                  interleaved pipelines for now, see the README)
+#                  VPP=0 (N > 1: N virtual pipeline stages per rank, interleaved 1F1B)
 #   DATA_ARGS      DATA_PATH (unset: --mock-data) TOKENIZER_MODEL TOKENIZER_TYPE
 #   CKPT_ARGS      CHECKPOINT_DIR (unset: no persistent checkpoints) SAVE_INTERVAL=1000
 #                  CKPT_FORMAT=torch_dist

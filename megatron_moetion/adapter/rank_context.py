@@ -69,7 +69,8 @@ class RankContext:
         dist.all_gather_object(gathered, (info, node_id(cfg.node_id, rank)), group=control_group)
         nodes = sorted({n for _, n in gathered}, key=str)
         topology = Topology([RankInfo(i.rank, i.stage, nodes.index(n), i.pipeline)
-                             for i, n in gathered], cfg.replication_factor)
+                             for i, n in gathered], cfg.replication_factor,
+                            ring=bool(mpu.get_virtual_pipeline_model_parallel_world_size()))
         if topology.capped and rank == 0:
             logger.warning("[moetion] --moetion-replication-factor %d capped to %d buddies "
                            "(%d ranks on %d nodes)", cfg.replication_factor,

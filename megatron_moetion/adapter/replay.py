@@ -29,7 +29,7 @@ from megatron_moetion.adapter.capture import (
     linear_layers_by_weight,
     sync_model_params,
 )
-from megatron_moetion.adapter.replay_io import ReplayIterator
+from megatron_moetion.adapter.upstream import replay_iterator
 from megatron_moetion.errors import RecoveryError
 from megatron_moetion.recovery_plan import RecoveryPlan
 from megatron_moetion.snapshot import Window
@@ -141,7 +141,8 @@ class Replayer:
         self.upstream.begin(t, replaying=True)
         kwargs = dict(self.kwargs)
         kwargs["num_microbatches"] = record["num_microbatches"]
-        kwargs["data_iterator"] = ReplayIterator(self.data[t], t)
+        kwargs["data_iterator"] = replay_iterator(self.data[t], t,
+                                                  like=kwargs.get("data_iterator"))
         with frozen(self.captures, frozen_ops, self.linears), objects.ddp_without_overlap():
             self.fwd_bwd(**kwargs)
         with objects.probe.replaying(record, frozen_main):

@@ -10,8 +10,12 @@
   replays too goes over the wire as usual. Sends are logged only where the log lacks them (a
   failed rank rebuilds its own logs; survivors do not duplicate theirs).
 
-In 1F1B each stage sends and receives forward activations, and backward gradients, in
-micro-batch order, so per-direction counters give the micro-batch ids.
+Between two neighbours every send in one direction is received in the same order, so a
+per-direction counter numbers the tensors alike on both ends: in 1F1B it is the micro-batch id;
+in the interleaved schedule (a ring: the first stage receives its later chunks' activations from
+the last stage) it is the position in that pair's stream, whatever chunk each tensor belongs
+to. With ``--overlap-p2p-communication`` the schedule waits on a handle per posted operation;
+operations served from the logs or dropped get handles that are already complete.
 
 ``RecordingIterator`` logs what the data iterator returns; ``ReadAheadIterator`` reads an
 iteration's micro-batches before the schedule runs (at PP = 1 they are shipped to the buddies
@@ -85,6 +89,16 @@ class FlowControl:
         self.data_index += 1
 
 
+class _Done:
+    """The handle of an operation served from the logs (or dropped): already complete."""
+
+    def wait(self):
+        return None
+
+    def is_completed(self):
+        return True
+
+
 class MoEtionP2PCommunicator(P2PCommunicator):
     """See the module docstring."""
 
@@ -117,6 +131,13 @@ class MoEtionP2PCommunicator(P2PCommunicator):
             got_prev = flow.logged("fwd")
         if recv_next and not flow.next_live:
             got_next = flow.logged("bwd")
+        if not wait_on_reqs:  # the overlapped schedule waits on a handle per posted operation
+            reqs = dict(reqs or {})
+            for key, posted in (("send_next", tensor_send_next is not None),
+                                ("send_prev", tensor_send_prev is not None),
+                                ("recv_prev", recv_prev), ("recv_next", recv_next)):
+                if posted and key not in reqs:
+                    reqs[key] = _Done()
         return got_prev, got_next, reqs
 
 

@@ -186,7 +186,8 @@ class MoEtionSession:
                     session.fire)
                 session.upstream.begin(session.iteration)
                 if rerun:
-                    call["data_iterator"] = session.upstream.replay_iterator(session.iteration)
+                    call["data_iterator"] = session.upstream.replay_iterator(
+                        session.iteration, like=template.get("data_iterator"))
                 elif template.get("data_iterator") is not None and session.pipeline.ships_data:
                     call["data_iterator"] = session._read_ahead_and_ship(template)
                 elif template.get("data_iterator") is not None:

@@ -31,10 +31,6 @@ def check_supported(args, cfg: MoEtionConfig, restart_engine: str | None = None)
     def refuse(flag: str, why: str) -> None:
         problems.append(f"{flag}: {why}")
 
-    if getattr(args, "virtual_pipeline_model_parallel_size", None):
-        refuse("--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank "
-               "(interleaved pipelines)",
-               "upstream logs and replay are keyed by non-interleaved 1F1B micro-batches")
     pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
     if pp > 1 and not getattr(args, "untie_embeddings_and_output_weights", False):
         refuse("tied embeddings (add --untie-embeddings-and-output-weights)",

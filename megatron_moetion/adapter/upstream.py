@@ -20,6 +20,12 @@ from megatron_moetion.errors import UnsupportedConfigurationError
 from megatron_moetion.upstream_log import LogStore
 
 
+def replay_iterator(items: list, iteration: int, like=None):
+    """``ReplayIterator`` over ``items``; a list of it where ``like`` is a list."""
+    it = ReplayIterator(items, iteration)
+    return [it] * len(like) if isinstance(like, list) else it
+
+
 class UpstreamLog:
     """See the module docstring.
 
@@ -63,7 +69,11 @@ class UpstreamLog:
     def begin(self, iteration: int, *, replaying: bool = False) -> None:
         self._flow.begin(iteration, replaying=replaying)
 
-    def recording(self, data_iterator) -> RecordingIterator:
+    def recording(self, data_iterator):
+        """``data_iterator`` logged (interleaved pipelines: a list, one per model chunk)."""
+        if isinstance(data_iterator, list):
+            return [None if it is None else RecordingIterator(it, self._flow)
+                    for it in data_iterator]
         return RecordingIterator(data_iterator, self._flow)
 
     def read_ahead(self, data_iterator, num_microbatches: int) -> ReadAheadIterator:
@@ -74,8 +84,11 @@ class UpstreamLog:
         """Micro-batches this rank's data iterator returned in the current iteration."""
         return self._flow.data_index
 
-    def replay_iterator(self, iteration: int) -> ReplayIterator:
-        return ReplayIterator(self.store.data_for(iteration), iteration)
+    def replay_iterator(self, iteration: int, like=None):
+        """The logged micro-batches of ``iteration`` again, shaped ``like`` the schedule's data
+        iterator: for a list (one per model chunk) one shared iterator in every place, as
+        the chunks read in the same order as when they were logged."""
+        return replay_iterator(self.store.data_for(iteration), iteration, like)
 
     # ------------------------------------------------------------------ replay routing
     def route_replay(self, sources: dict, prev_live: bool, next_live: bool) -> None:

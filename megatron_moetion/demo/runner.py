@@ -46,6 +46,7 @@ class RunConfig:
     dp: int = 2
     tp: int = 1  # with MoE, TP > 1 turns sequence parallel on (MoELayer requires it)
     etp: int = 1  # expert tensor parallel (--expert-tensor-parallel-size; Megatron's default: tp)
+    vpp: int = 0  # model chunks per pipeline rank (interleaved schedule); 0: not interleaved
     train_iters: int = 12
     distributed_optimizer: bool = True
     # "adam" (torch AdamW, step per parameter), "group-step-adam" (step per parameter group,
@@ -117,6 +118,8 @@ def megatron_flags(cfg: RunConfig, out_dir: Path) -> list[str]:
     if cfg.tp > 1:
         flags += ["--tensor-model-parallel-size", cfg.tp, "--sequence-parallel",
                   "--expert-tensor-parallel-size", cfg.etp]
+    if cfg.vpp:
+        flags += ["--num-virtual-stages-per-pipeline-rank", cfg.vpp]
     if cfg.distributed_optimizer:
         flags.append("--use-distributed-optimizer")
     if cfg.bf16:

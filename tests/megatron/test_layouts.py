@@ -154,3 +154,37 @@ def test_pp1_killed_rank_is_replaced_and_reads_its_data_from_its_buddies(run_cac
     rec = recoveries(records)[0]
     assert rec["failed"] == [1] and rec["ranks_replaying"] == [0, 1, 2, 3]
     assert "PP = 1" in rec["scope"]
+
+
+# interleaved (virtual) pipelines: the pipeline is a ring (the first stage receives its second
+# chunk's activations from the last stage), logs are numbered per neighbour and direction
+VPP_PP2 = RunConfig(train_iters=12, moetion=True, window=3, pp=2, dp=2, ep=2, vpp=2)
+VPP_PP4 = RunConfig(train_iters=12, moetion=True, window=3, pp=4, dp=1, ep=1, vpp=2,
+                    num_layers=8)
+
+
+@pytest.mark.parametrize("base, faults, replaying", [
+    (VPP_PP2, [(1, "bwd")], [0, 1]),
+    (VPP_PP4, [(0, "bwd")], [0]),
+    pytest.param(VPP_PP4, [(2, "fwd")], [2], marks=pytest.mark.extended),
+    pytest.param(VPP_PP4, [(3, "step")], [3], marks=pytest.mark.extended),
+    pytest.param(VPP_PP4, [(0, "fwd"), (1, "bwd")], [0, 1], marks=pytest.mark.extended),
+], ids=["pp2_first_stage", "pp4_first_stage", "pp4_middle_stage", "pp4_last_stage",
+        "pp4_first_two_stages"])
+def test_interleaved_failure_replays_its_stages(run_cache, run_ok, tmp_path, base, faults,
+                                                replaying):
+    plan = ";".join(f"rank={r},iter=9,phase={p},kind=lose_state" for r, p in faults)
+    out = run_ok(base.replace(fault_plan=plan), tmp_path)
+    result = compare_dumps(run_cache.get(base) / "oracle", out / "oracle")
+    assert result.identical, result
+    (rec,) = rank0_reports(out, "recovery")
+    assert rec["ranks_replaying"] == replaying
+    assert rec["ranks_paused"] == [r for r in range(4) if r not in replaying]
+    assert rec["conversion_iterations"] == 2
+
+
+@pytest.mark.extended
+def test_interleaved_stale_operators_fail_the_oracle(run_cache, run_ok, tmp_path):
+    out = run_ok(VPP_PP4.replace(fault_plan="rank=2,iter=9,phase=bwd,kind=lose_state")
+                 .with_flags("--moetion-negative-control", "skip_conversion"), tmp_path)
+    assert not compare_dumps(run_cache.get(VPP_PP4) / "oracle", out / "oracle").identical

@@ -31,10 +31,6 @@ PP1 = RunConfig(moetion=True, pp=1)
 
 # name: (run, flags added, flags dropped, [(flag named, reason named), ...]); [] = accepted
 CASES = {
-    "interleaved pipeline": (BASE, ["--num-layers-per-virtual-pipeline-stage", "1"], [],
-                             [("--num-layers-per-virtual-pipeline-stage", "1F1B")]),
-    "virtual stages per rank": (BASE, ["--num-virtual-stages-per-pipeline-rank", "2"], [],
-                                [("--num-virtual-stages-per-pipeline-rank", "1F1B")]),
     "tied embeddings, PP 2": (BASE, [], [UNTIE],
                               [(UNTIE, "_allreduce_word_embedding_grads")]),
     "per-token loss, PP 2": (BASE, ["--calculate-per-token-loss"], [],
@@ -68,6 +64,8 @@ CASES = {
                       [(UNTIE, "first and last stage"), ("--mtp-num-layers", "MTP stage"),
                        ("--calculate-per-token-loss", "gradient finalisation")]),
     "accepted: demo layout": (BASE, [], [], []),
+    "accepted: interleaved pipeline": (BASE, ["--num-virtual-stages-per-pipeline-rank", "2"],
+                                       [], []),
     "accepted: PP 1 with MTP, per-token loss, tied embeddings":
         (PP1, ["--mtp-num-layers", "1", "--calculate-per-token-loss"], [UNTIE], []),
     "accepted: MoEtion off": (RunConfig(), ["--mtp-num-layers", "1", "--optimizer", "lion",

@@ -173,3 +173,18 @@ def test_a_rank_that_reads_no_data_needs_none():
     plan = plan_recovery(t, [1], 11, h)
     assert not plan.fallback, plan.reason
     assert not any(x.kind == "data" for x in plan.transfers)
+
+
+def test_interleaved_pipeline_is_a_ring_so_every_stage_has_both_neighbours():
+    t = Topology([RankInfo(x, x, 0, (0, 1, 2, 3)) for x in range(4)], 2, ring=True)
+    assert t.prev_rank(0) == 3 and t.next_rank(3) == 0
+    assert topo(pp=4, dp=1).prev_rank(0) is None  # not interleaved: a line
+    plan = plan_recovery(t, [0], 9, holdings(t, [0]))
+    kinds = {(x.kind, x.src, x.dst) for x in plan.transfers}
+    assert ("fwd", 3, 0) in kinds and ("bwd", 1, 0) in kinds  # later chunks come from rank 3
+    plan = plan_recovery(t, [3, 0], 9, holdings(t, [3, 0]))
+    assert plan.fallback  # the two data readers: nobody else read their micro-batches
+    plan = plan_recovery(t, [0, 1], 9, holdings(t, [0, 1]))
+    kinds = {(x.kind, x.src, x.dst) for x in plan.transfers}
+    assert ("fwd", 3, 0) in kinds and ("bwd", 2, 1) in kinds
+    assert ("bwd", 1, 0) not in kinds and ("fwd", 0, 1) not in kinds  # both replay: live
