@@ -62,14 +62,16 @@ def test_several_ranks_in_different_stages(run_cache, run_ok, tmp_path):
 
 
 @pytest.mark.parametrize("rank, phase", [pytest.param(0, "fwd", marks=pytest.mark.extended),
-                                         (2, "bwd"), (3, "step")],
+                                         (2, "bwd"),
+                                         pytest.param(3, "step", marks=pytest.mark.extended)],
                          ids=["first_stage", "middle_stage", "last_stage"])
 def test_pp4_stage(run_cache, run_ok, tmp_path, rank, phase):
     (rec,) = check(run_cache, run_ok, tmp_path, PP4, lose((rank, 10, phase)))
     assert rec["ranks_replaying"] == [rank] and len(rec["ranks_paused"]) == 3
 
 
-@pytest.mark.parametrize("stages", [pytest.param((0, 1), marks=pytest.mark.extended), (1, 2),
+@pytest.mark.parametrize("stages", [pytest.param((0, 1), marks=pytest.mark.extended),
+                                    pytest.param((1, 2), marks=pytest.mark.extended),
                                     pytest.param((2, 3), marks=pytest.mark.extended), (0, 2)],
                          ids=["first_two", "middle_two", "last_two", "first_and_third"])
 def test_two_stages_lost_together(run_cache, run_ok, tmp_path, stages):
