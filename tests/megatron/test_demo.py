@@ -9,7 +9,7 @@ import pytest
 
 from megatron_moetion.demo.runner import REPO_ROOT
 
-pytestmark = [pytest.mark.megatron, pytest.mark.distributed]
+pytestmark = [pytest.mark.megatron, pytest.mark.distributed, pytest.mark.timeout(660)]
 
 
 def test_demo_end_to_end(tmp_path, patched_megatron):

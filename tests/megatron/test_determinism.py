@@ -10,7 +10,7 @@ import torch
 from megatron_moetion.demo.runner import RunConfig
 from megatron_moetion.oracle import compare_dumps, load_dump
 
-pytestmark = [pytest.mark.megatron, pytest.mark.distributed]
+pytestmark = [pytest.mark.megatron, pytest.mark.distributed, pytest.mark.timeout(400)]
 
 BASE = RunConfig(train_iters=5)
 

@@ -4,7 +4,7 @@ import pytest
 
 from megatron_moetion.testing.dist import run_ranks
 
-pytestmark = [pytest.mark.megatron, pytest.mark.distributed]
+pytestmark = [pytest.mark.megatron, pytest.mark.distributed, pytest.mark.timeout(300)]
 
 SPECS = {
     "moe_every_layer": dict(),

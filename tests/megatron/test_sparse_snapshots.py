@@ -9,7 +9,7 @@ from megatron_moetion.demo.runner import RunConfig, run_pretrain
 from megatron_moetion.metrics import read_metrics
 from megatron_moetion.testing.snapshot_check import check_run
 
-pytestmark = [pytest.mark.megatron, pytest.mark.distributed]
+pytestmark = [pytest.mark.megatron, pytest.mark.distributed, pytest.mark.timeout(300)]
 
 LAYOUTS = {
     "distopt_fp32": RunConfig(),
