@@ -44,6 +44,7 @@ import torch
 from megatron_moetion.host_copy import HostBufferPool
 from megatron_moetion.snapshot import SnapshotEngine, Window, unpack_meta
 from megatron_moetion.transport import Parcel, ProcessGroupTransport
+from megatron_moetion.upstream_log import newest_run
 
 logger = logging.getLogger(__name__)
 
@@ -108,14 +109,7 @@ class DataCopies:
 
     def coverage(self, owner: int) -> tuple[int, int] | None:
         """(first, last) of the newest contiguous run of ``owner``'s iterations held here."""
-        its = self.blobs.get(owner)
-        if not its:
-            return None
-        hi = max(its)
-        lo = hi
-        while lo - 1 in its:
-            lo -= 1
-        return lo, hi
+        return newest_run(set(self.blobs.get(owner, ())))
 
     def export(self, owner: int, iterations) -> bytes:
         """``owner``'s entries of ``iterations`` in ``LogStore.export``'s format."""

@@ -39,6 +39,17 @@ from megatron_moetion.host_copy import SideStreamCopies
 BoundaryKey = tuple[int, int, int, str]  # iteration, microbatch, chunk, direction
 
 
+def newest_run(iterations) -> tuple[int, int] | None:
+    """(first, last) of the newest run of consecutive ``iterations``, or None if empty."""
+    if not iterations:
+        return None
+    hi = max(iterations)
+    lo = hi
+    while lo - 1 in iterations:
+        lo -= 1
+    return lo, hi
+
+
 def _to_host(obj):
     if torch.is_tensor(obj):
         return obj.detach().to("cpu").clone() if obj.is_cuda else obj
@@ -258,11 +269,4 @@ class LogStore:
         """(first, last) of the newest contiguous run of iterations held for ``kind``, or None.
         An iteration missing in the middle (dropped, or never logged) ends the run there, so a
         range reported here is one whose every iteration is held."""
-        its = self.iterations(kind)
-        if not its:
-            return None
-        hi = max(its)
-        lo = hi
-        while lo - 1 in its:
-            lo -= 1
-        return lo, hi
+        return newest_run(self.iterations(kind))
