@@ -44,7 +44,7 @@ import torch
 from megatron_moetion.host_copy import HostBufferPool
 from megatron_moetion.snapshot import SnapshotEngine, Window, unpack_meta
 from megatron_moetion.transport import Parcel, ProcessGroupTransport
-from megatron_moetion.upstream_log import newest_run
+from megatron_moetion.upstream_log import LogStore, newest_run
 
 logger = logging.getLogger(__name__)
 
@@ -113,16 +113,12 @@ class DataCopies:
 
     def export(self, owner: int, iterations) -> bytes:
         """``owner``'s entries of ``iterations`` in ``LogStore.export``'s format."""
-        import io
-
         entries = {}
         for it in iterations:
             blob = self.blobs.get(owner, {}).get(it)
             if blob is not None:
-                entries.update(torch.load(io.BytesIO(blob), weights_only=False))
-        buf = io.BytesIO()
-        torch.save(entries, buf)
-        return buf.getvalue()
+                entries.update(LogStore.decode(blob))
+        return LogStore.encode(entries)
 
     def truncate(self, floor: int) -> None:
         for its in self.blobs.values():

@@ -242,8 +242,13 @@ class LogStore:
             payload = {k: v for k, v in self._data.items() if k[0] in its}
         else:
             payload = {k: v for k, v in self._boundary.items() if k[0] in its and k[3] == kind}
+        return LogStore.encode(payload)
+
+    @staticmethod
+    def encode(entries: dict) -> bytes:
+        """Entries as ``export`` ships them (``decode`` reads them back)."""
         buf = io.BytesIO()
-        torch.save(payload, buf)
+        torch.save(entries, buf)
         return buf.getvalue()
 
     @staticmethod
