@@ -34,6 +34,7 @@ Call order (all ranks)::
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -50,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 ROUND_TAG = 100  # tags 100.. are replication rounds; recovery uses its own range
 DATA_TAG = 300  # tags 300.. are data rounds
+PROBE_TAG = 400  # the start-up bandwidth probe
 
 
 @dataclass
@@ -191,6 +193,23 @@ class Replicator:
             return
         self._idle.clear()
         self._queue.put((window, wid, corrupt))
+
+    def probe_bandwidth(self, nbytes: int = 32 << 20, repeats: int = 2) -> float:
+        """Bytes/s this rank sends to its first buddy while every rank does the same
+        (collective over the replication group: every rank calls it at the same point, before
+        any round). ``math.inf`` without buddies (nothing to replicate)."""
+        if not self.buddies:
+            return math.inf
+        data = torch.zeros(nbytes, dtype=torch.uint8)
+        parcel = Parcel(data, b"", (0, 3), 0)
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            got = self.transport.exchange(send_to=self.buddies[0], parcel=parcel,
+                                          recv_from=self.owners[0], tag=PROBE_TAG)
+            best = min(best, time.perf_counter() - start)
+            del got
+        return nbytes / max(best, 1e-9)
 
     def ship_data(self, iteration: int, blob: bytes) -> None:
         """Queue a data round: ``blob`` (the micro-batches this rank read in ``iteration``) to

@@ -12,6 +12,14 @@ earlier slot never makes a later slot dearer). If even one operator per slot doe
 ``W`` is the operator count and ``fits`` is False (the caller warns: snapshots will stall).
 ``partition_for_window`` spreads operators over a given ``W`` (all ranks use the world-wide
 maximum) minimising the dearest slot; empty slots, if any, come last.
+
+``size_window`` adds the second bottleneck: each window is replicated to ``r`` buddies over
+the node's network link while the next window is captured, so ``r`` times a window's bytes
+must cross this GPU's share of that link within ``W`` iterations. A larger ``W`` lowers the
+bytes per iteration (each operator is ACTIVE once per window, and FROZEN captures shrink
+towards the end of a window), so ``size_window`` takes the smallest ``W`` that satisfies both
+the copy budget and the replication budget, and names the constraint that set it. Runtime
+(``adapter.snapshots``) and calculator (``bench.calculator``) both call it.
 """
 
 from __future__ import annotations
@@ -117,6 +125,86 @@ def partition_for_window(ops: Sequence[OperatorSpec], window: int,
         else:
             lo = mid + 1
     return _schedule(ops, _greedy_bounds(ops, lo), budget_bytes, window)
+
+
+BINDINGS = ("none", "copy", "network")
+
+
+@dataclass(frozen=True)
+class WindowChoice:
+    """The window ``size_window`` picked, and why.
+
+    Attributes:
+        schedule: the slots at that W (``partition_for_window``).
+        binding: what set W: "copy" (a slot's device-to-host copy must fit forward+backward),
+            "network" (a window's replication to r buddies must fit W iterations; W is larger
+            than the copy budget alone needs) or "none" (W = 1: dense snapshots fit both).
+        copy_window: the W the copy budget alone needs (``find_window``).
+        replication_s: seconds to send one window to every buddy at the network bandwidth.
+        replication_budget_s: W iterations, the time that replication has.
+        fits: both budgets hold (False: snapshots or replication will fall behind).
+    """
+
+    schedule: WindowSchedule
+    binding: str
+    copy_window: int
+    replication_s: float
+    replication_budget_s: float
+    fits: bool
+
+    @property
+    def window(self) -> int:
+        return self.schedule.window
+
+    def describe(self) -> str:
+        verdict = "" if self.fits else ", does NOT fit (snapshots or replication fall behind)"
+        return (f"W={self.window} (binding: {self.binding}; the copy budget alone needs "
+                f"W={self.copy_window}; replicating a window takes {self.replication_s:.3g} s of "
+                f"{self.replication_budget_s:.3g} s{verdict})")
+
+
+def size_window(ops: Sequence[OperatorSpec], *, copy_bytes_per_s: float, fwd_bwd_s: float,
+                network_bytes_per_s: float = math.inf, replicas: int = 0,
+                iter_s: float | None = None) -> WindowChoice:
+    """Smallest W whose slots fit the copy budget and whose replication fits W iterations.
+
+    Args:
+        ops: this rank's operators in capture order.
+        copy_bytes_per_s: this GPU's device-to-host bandwidth (its share of a shared link).
+        fwd_bwd_s: forward+backward seconds (the copy deadline, see ``budget_bytes``).
+        network_bytes_per_s: this GPU's share of the node's network bandwidth for replication
+            (``math.inf``: no network constraint).
+        replicas: buddies each window goes to (0: local only, no network constraint).
+        iter_s: iteration seconds for the replication deadline (default ``fwd_bwd_s``, the
+            conservative choice: an iteration is never shorter than its forward+backward).
+    """
+    if not (copy_bytes_per_s > 0 and fwd_bwd_s > 0 and network_bytes_per_s > 0):
+        raise ValueError(f"bandwidths and fwd_bwd_s must be > 0; got copy {copy_bytes_per_s!r}, "
+                         f"network {network_bytes_per_s!r}, fwd_bwd_s {fwd_bwd_s!r}")
+    if replicas < 0:
+        raise ValueError(f"replicas must be >= 0, got {replicas}")
+    iter_s = fwd_bwd_s if iter_s is None else iter_s
+    budget = budget_bytes(copy_bytes_per_s, fwd_bwd_s)
+    first = find_window(ops, budget)
+
+    def replication_s(sched: WindowSchedule) -> float:
+        if replicas == 0 or math.isinf(network_bytes_per_s):
+            return 0.0
+        return replicas * sum(sched.slot_bytes) / network_bytes_per_s
+
+    def choice(sched: WindowSchedule, binding: str, fits: bool) -> WindowChoice:
+        return WindowChoice(sched, binding, first.window, replication_s(sched),
+                            sched.window * iter_s, fits)
+
+    base = "copy" if first.window > 1 else "none"
+    if replication_s(first) <= first.window * iter_s:
+        return choice(first, base, first.fits)
+    for w in range(first.window + 1, max(len(ops), first.window) + 1):
+        sched = partition_for_window(ops, w, budget)
+        if replication_s(sched) <= w * iter_s:
+            return choice(sched, "network", sched.fits)
+    last = partition_for_window(ops, max(len(ops), first.window), budget)
+    return choice(last, "network", False)
 
 
 def budget_bytes(copy_bandwidth_bytes_per_s: float, fwd_bwd_s: float) -> float:

@@ -93,7 +93,8 @@ class MoEtionSession:
                                     last_checkpoint_iteration)
         self.upstream = UpstreamLog(self.ctx.device, log_boundary=cfg.upstream_logging)
         self.upstream.rebind(self.ctx)
-        self.pipeline = SnapshotPipeline(cfg, self.ctx, self.objects, self.upstream.store)
+        self.pipeline = SnapshotPipeline(cfg, self.ctx, self.objects, self.upstream.store,
+                                         probe=joining is None)
         self.recovery = RecoveryCoordinator(cfg, self.policy, self.pipeline, self.upstream,
                                             self.fire, self.shutdown)
         self.recovery.rebind(self.ctx, self.objects)
@@ -130,8 +131,10 @@ class MoEtionSession:
             self._restore_checkpoint_rng()
         if self.rank == 0:
             logger.warning("[moetion] on: %d operators on rank 0, %d buddies per rank, copy "
-                           "bandwidth %.2f GB/s", len(self.objects.bindings),
-                           self.ctx.topology.num_buddies, self.pipeline.copy_bandwidth / 1e9)
+                           "bandwidth %.2f GB/s, network %.2f GB/s (rank 0's shares)",
+                           len(self.objects.bindings), self.ctx.topology.num_buddies,
+                           self.pipeline.copy_bandwidth / 1e9,
+                           self.pipeline.network_bandwidth / 1e9)
 
     def _start_detector(self) -> FailureDetector | None:
         if self.restart_engine == "nvrx":
@@ -349,6 +352,7 @@ class MoEtionSession:
         self.first_iteration = int(resume["iteration"])
         self.pipeline.continue_numbering(resume["next_window_id"], resume["last_round"],
                                          self.first_iteration)
+        self.pipeline.adopt_bandwidths(resume.get("bandwidths"))
         self.partners_checked = True  # the survivors checked data partners at the start
 
     def suspend(self) -> dict:
@@ -377,6 +381,7 @@ class MoEtionSession:
         return {"iteration": self.iteration,
                 # the job's window and round numbering, which a spare continues
                 **self.pipeline.numbering(),
+                "bandwidths": self.pipeline.bandwidths(),
                 "optimizer_caches": caches,
                 "consumed_train_samples": self.start_state["consumed"],
                 "flops": self.start_state["flops"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import statistics
 from collections import deque
 
@@ -22,10 +23,11 @@ from megatron_moetion.agreement import Agreement
 from megatron_moetion.operators import OpKind, order_operators
 from megatron_moetion.schedule import (
     PopularityTracker,
+    WindowChoice,
     WindowSchedule,
     budget_bytes,
-    find_window,
     partition_for_window,
+    size_window,
 )
 from megatron_moetion.snapshot import WindowLayout
 from megatron_moetion.window_manager import WindowManager
@@ -41,16 +43,21 @@ class SnapshotController:
         bindings: this rank's operators (``discover_operators``).
         optimizer: Megatron's optimizer (capture items point into its state).
         windows: this rank's window manager.
-        copy_bandwidth: bytes/s used for window sizing.
+        copy_bandwidth: device-to-host bytes/s used for window sizing.
         rank: global rank (for log messages).
         gather: ``all_gather_object`` over every rank (MoEtion's control group).
+        network_bandwidth: this rank's share of the network, bytes/s, for replication.
+        replicas: buddies each window goes to.
     """
 
     def __init__(self, cfg, bindings, optimizer, windows: WindowManager, copy_bandwidth: float,
-                 rank: int, gather):
+                 rank: int, gather, network_bandwidth: float = math.inf, replicas: int = 0):
         self.cfg, self.bindings, self.optimizer = cfg, bindings, optimizer
         self.windows, self.copy_bandwidth, self.rank = windows, copy_bandwidth, rank
+        self.network_bandwidth, self.replicas = network_bandwidth, replicas
         self.gather = gather
+        self.choice: WindowChoice | None = None  # this rank's last Algorithm 1 proposal
+        self._logged_window: int | None = None
         self.popularity = PopularityTracker(cfg.popularity_window_iters, cfg.reorder_threshold,
                                             cfg.reorder_fraction)
         self.fwd_bwd_times: deque[float] = deque(maxlen=50)
@@ -86,7 +93,9 @@ class SnapshotController:
         return statistics.median(self.fwd_bwd_times) if self.fwd_bwd_times else 0.0
 
     def proposal(self) -> int:
-        """The window size this rank wants for its next window (Algorithm 1)."""
+        """The window size this rank wants for its next window: the smallest W whose slots fit
+        the copy budget and whose replication to the buddies fits W iterations
+        (``schedule.size_window``)."""
         if self.cfg.window:
             return self.cfg.window
         if self.captures is None or not self.fwd_bwd_times:
@@ -95,13 +104,26 @@ class SnapshotController:
         # the order is world-wide; this rank proposes for the operators it holds
         ordered = [specs[n] for n in self.order if n in specs] if self.order else \
             order_operators(specs.values())
-        budget = budget_bytes(self.copy_bandwidth, self.fwd_bwd_s())
-        schedule = find_window(ordered, budget)
-        if not schedule.fits:
-            logger.warning("[moetion] rank %d: even one operator per slot does not fit the copy "
-                           "budget (%.1f MB); W=%d, snapshots will stall", self.rank,
-                           budget / 1e6, schedule.window)
-        return schedule.window
+        choice = size_window(ordered, copy_bytes_per_s=self.copy_bandwidth,
+                             fwd_bwd_s=self.fwd_bwd_s(), network_bytes_per_s=self.network_bandwidth,
+                             replicas=self.replicas)
+        if not choice.fits and (self.choice is None or self.choice.fits):
+            logger.warning("[moetion] rank %d: %s; snapshots or replication will fall behind",
+                           self.rank, choice.describe())
+        self.choice = choice
+        return choice.window
+
+    def window_metrics(self) -> dict:
+        """This rank's last proposal: W, the constraint that set it, the replication budget."""
+        if self.cfg.window:
+            return {"window_binding": "forced"}
+        c = self.choice
+        if c is None:
+            return {}
+        return {"window_proposed": c.window, "window_binding": c.binding,
+                "window_copy_only": c.copy_window,
+                "replication_window_s": round(c.replication_s, 6),
+                "replication_budget_s": round(c.replication_budget_s, 6)}
 
     def open_window(self, iteration: int, agreed: Agreement) -> None:
         """Open a window with a schedule identical on every rank.
@@ -143,6 +165,12 @@ class SnapshotController:
             reordered = False
         self.popularity.add(summed)
         window = self.cfg.window or max(1, agreed.window_proposal)
+        if window != self._logged_window and self.rank == 0:
+            self._logged_window = window
+            logger.warning("[moetion] window W=%d agreed (world-wide maximum of the proposals; "
+                           "rank 0 proposed %s)", window,
+                           self.choice.describe() if self.choice else
+                           ("a forced W" if self.cfg.window else "W=1 before any timing"))
         glob = partition_for_window([merged[n] for n in self.order if n in merged], window,
                                     budget_bytes(self.copy_bandwidth, self.fwd_bwd_s()))
         slots = tuple(tuple(n for n in names if n in local) for names in glob.slots)

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_moetion.bench.calculator import binding_lines, compute
 from megatron_moetion.bench.ettr import young_daly_interval
 from megatron_moetion.bench.ettr_paper import ettr_table
 from megatron_moetion.bench.plots import (
@@ -24,6 +25,7 @@ from megatron_moetion.bench.plots import (
     plot_recovery_phases,
     plot_stall_per_iteration,
 )
+from megatron_moetion.bench.presets import PRESETS
 from megatron_moetion.bench.runs import RunStats, bench_config, run_scheme
 from megatron_moetion.demo.runner import REPO_ROOT
 from megatron_moetion.oracle import compare_dumps
@@ -131,7 +133,8 @@ def main(argv=None) -> int:
               "wall_s": round(time.monotonic() - started, 1)}
     (out / "bench.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     table = markdown(result)
-    (out / "bench.md").write_text(table + "\n\n## ETTR, the paper's DeepSeek-16.4B setting\n\n"
+    (out / "bench.md").write_text(table + "\n\n## ETTR, DeepSeek-16.4B from independent inputs "
+                                  "(docs/performance.md)\n\n"
                                   + paper.markdown + "\n\n## ETTR with the costs measured here\n\n"
                                   + ours.markdown + "\n")
     plot_ettr_vs_mtbf(paper.rows, out / "ettr_vs_mtbf.png")
@@ -140,6 +143,12 @@ def main(argv=None) -> int:
     plot_recovery_phases({k: v.get("phases", {}) for k, v in recovery.items()
                           if v.get("phases")}, out / "recovery_phases.png")
     print(table)
+    sizing = binding_lines([compute(p) for p in PRESETS.values()])
+    (out / "bench.md").write_text((out / "bench.md").read_text() + "\n## W and its binding "
+                                  "constraint per preset (calculator)\n\n"
+                                  + "\n".join(f"- {line}" for line in sizing) + "\n")
+    print("\n[bench] W and its binding constraint per preset (python -m "
+          "megatron_moetion.bench.calculator):\n" + "\n".join(sizing))
     print(f"[bench] wrote {out / 'bench.json'}, {out / 'bench.md'} and 3 plots in "
           f"{result['wall_s']:.0f} s")
     return 0

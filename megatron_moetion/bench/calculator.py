@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from megatron_moetion.bench.presets import PRESETS, ModelConfig, ParallelLayout, Preset, check_field
 from megatron_moetion.operators import OperatorSpec, OpKind, order_operators
-from megatron_moetion.schedule import budget_bytes, find_window, partition_for_window
+from megatron_moetion.schedule import partition_for_window, size_window
 
 ACTIVE_BYTES_PER_PARAM = 12  # fp32 main weight + Adam m and v (PAPER.md 2.2)
 FROZEN_BYTES_PER_PARAM = 2  # bf16 compute weight (PAPER.md 2.2)
@@ -78,6 +78,17 @@ def stage_operators(model: ModelConfig, layout: ParallelLayout, stage: int) -> l
         ops.append(op(f"layer{layer}.non_expert", OpKind.NON_EXPERT, layer, None, non_expert,
                       shard))
     if stage == layout.pp - 1:
+        for d in range(model.mtp_layers):  # Megatron puts the MTP modules on the last stage
+            layer = model.num_layers + 1 + d
+            for e in range(model.num_experts // layout.ep):
+                ops.append(op(f"mtp{d}.expert{e}", OpKind.EXPERT, layer, e,
+                              model.expert_params / tp, expert_shard))
+            ops.append(op(f"mtp{d}.router", OpKind.ROUTER, layer, None, model.router_params,
+                          shard))
+            rest = (model.mtp_params_per_module - model.num_experts * model.expert_params
+                    - model.router_params)
+            ops.append(op(f"mtp{d}.non_expert", OpKind.NON_EXPERT, layer, None, rest / tp,
+                          shard))
         ops.append(op("output", OpKind.OUTPUT, None, None, model.embedding_params / tp + h,
                       shard))
     return order_operators(ops)
@@ -85,7 +96,12 @@ def stage_operators(model: ModelConfig, layout: ParallelLayout, stage: int) -> l
 
 @dataclass(frozen=True)
 class CalcResult:
-    """Per-GPU (most loaded stage) and per-node figures for one preset. Bytes unless noted."""
+    """Per-GPU (most loaded stage) and per-node figures for one preset. Bytes unless noted.
+
+    ``copy_gbps`` and ``network_gbps`` are one GPU's shares (GB/s); ``binding`` is what set W
+    (``schedule.WindowChoice.binding``), ``copy_window`` the W the copy budget alone needs,
+    ``replication_s`` the seconds a window's replication to r buddies takes of W iterations.
+    """
 
     name: str
     layout: str
@@ -93,9 +109,13 @@ class CalcResult:
     params_per_gpu: int
     dense_bytes_per_gpu: int
     fwd_bwd_s: float
-    bandwidth_gbps: float
+    copy_gbps: float
+    network_gbps: float
     window: int
+    binding: str
+    copy_window: int
     fits: bool
+    replication_s: float
     slot_mean_bytes: float
     slot_max_bytes: int
     window_bytes: int
@@ -105,43 +125,65 @@ class CalcResult:
     node_dense_bytes: int
 
     @property
+    def bandwidth_gbps(self) -> float:
+        return self.copy_gbps
+
+    @property
     def dense_copy_s(self) -> float:
-        return self.dense_bytes_per_gpu / (self.bandwidth_gbps * 1e9)
+        return self.dense_bytes_per_gpu / (self.copy_gbps * 1e9)
+
+    @property
+    def dense_replication_s(self) -> float:
+        """Seconds to send a dense snapshot (W = 1) to one buddy at this GPU's network share."""
+        return self.dense_bytes_per_gpu / (self.network_gbps * 1e9)
 
     @property
     def node_moetion_bytes(self) -> int:
         return self.node_snapshot_bytes + self.node_replica_bytes + self.node_log_bytes
 
 
-def compute(p: Preset, *, bandwidth_gbps: float = 25.0, fwd_bwd_s: float | None = None,
-            window: int | None = None, replication: int = 2) -> CalcResult:
+def compute(p: Preset, *, bandwidth_gbps: float | None = None, network_gbps: float | None = None,
+            fwd_bwd_s: float | None = None, window: int | None = None,
+            replication: int = 2) -> CalcResult:
     """Window, slot bytes and host memory of ``p``.
 
     Args:
         p: the preset.
-        bandwidth_gbps: device-to-host copy bandwidth per GPU in GB/s (1e9 bytes/s).
+        bandwidth_gbps: one GPU's device-to-host bandwidth in GB/s (1e9 bytes/s); None takes
+            the preset's share of its PCIe switch (``Preset.copy_gbps_per_gpu``).
+        network_gbps: the node's network bandwidth in GB/s, shared by its GPUs; None takes the
+            preset's ``nic_gbps``.
         fwd_bwd_s: forward+backward time per iteration; None uses ``estimate_fwd_bwd_s``.
         window: force W (every stage partitioned into W slots); None sizes it with
-            ``find_window`` per stage and takes the world-wide maximum.
+            ``schedule.size_window`` per stage (copy and replication budgets) and takes the
+            world-wide maximum, as the runtime's agreement does.
         replication: buddies r holding copies of each window (paper default 2).
 
     Raises:
         ConfigError: a non-positive bandwidth, time or window, or a negative replication.
     """
-    check_field("compute", "bandwidth_gbps", bandwidth_gbps, bandwidth_gbps > 0, "> 0")
+    copy = p.copy_gbps_per_gpu if bandwidth_gbps is None else bandwidth_gbps
+    nic = p.nic_gbps if network_gbps is None else network_gbps
+    check_field("compute", "bandwidth_gbps", copy, copy > 0, "> 0")
+    check_field("compute", "network_gbps", nic, nic > 0, "> 0")
     check_field("compute", "replication", replication, replication >= 0, ">= 0")
     if window is not None:
         check_field("compute", "window", window, window >= 1, ">= 1 or None")
     fb = estimate_fwd_bwd_s(p) if fwd_bwd_s is None else fwd_bwd_s
     check_field("compute", "fwd_bwd_s", fb, fb > 0, "> 0")
-    budget = budget_bytes(bandwidth_gbps * 1e9, fb)
-    stages = [stage_operators(p.model, p.layout, s) for s in range(p.layout.pp)]
-    w = window or max(find_window(ops, budget).window for ops in stages)
+    lay = p.layout
+    net = nic / lay.gpus_per_node
+    stages = [stage_operators(p.model, lay, s) for s in range(lay.pp)]
+    choices = [size_window(ops, copy_bytes_per_s=copy * 1e9, fwd_bwd_s=fb,
+                           network_bytes_per_s=net * 1e9, replicas=replication)
+               for ops in stages]
+    deciding = max(choices, key=lambda c: c.window)
+    w = window or deciding.window
     loaded = max(stages, key=lambda ops: sum(o.active_bytes for o in ops))
-    sched = partition_for_window(loaded, w, budget)
+    sched = partition_for_window(loaded, w, copy * 1e9 * fb)
     dense = sum(o.active_bytes for o in loaded)
     win_bytes = sum(sched.slot_bytes)
-    lay = p.layout
+    rep_s = replication * win_bytes / (net * 1e9)
     directions = 0 if lay.pp == 1 else 2  # middle stages send activations and gradients
     # Boundary tensors are split over TP: Megatron needs sequence parallelism for MoE with TP.
     act = p.seq_len * p.micro_batch_size * p.model.hidden_size * LOG_BYTES_PER_ELEMENT / lay.tp
@@ -150,7 +192,9 @@ def compute(p: Preset, *, bandwidth_gbps: float = 25.0, fwd_bwd_s: float | None 
     return CalcResult(
         name=p.model.name, layout=lay.describe(), total_params=p.model.total_params,
         params_per_gpu=sum(o.num_params for o in loaded), dense_bytes_per_gpu=dense,
-        fwd_bwd_s=fb, bandwidth_gbps=bandwidth_gbps, window=w, fits=sched.fits,
+        fwd_bwd_s=fb, copy_gbps=copy, network_gbps=net, window=w,
+        binding="forced" if window else deciding.binding, copy_window=deciding.copy_window,
+        fits=sched.fits and rep_s <= w * fb, replication_s=rep_s,
         slot_mean_bytes=win_bytes / w, slot_max_bytes=sched.max_slot_bytes,
         window_bytes=win_bytes,
         node_snapshot_bytes=g * LOCAL_WINDOWS * win_bytes,
@@ -164,42 +208,64 @@ def _gb(n: float) -> str:
 
 
 def format_table(rows: Sequence[CalcResult]) -> str:
-    """Markdown table of ``compute`` results (GB = 1e9 bytes; host memory per node)."""
-    head = ("| model | layout | params (B) | params/GPU (M) | fwd+bwd s | dense/GPU GB "
-            "| dense copy s | W | slot mean GB | slot max GB | max/dense | window/dense "
-            "| node snaps GB | node replicas GB | node logs GB | node MoEtion GB "
-            "| node dense GB |")
+    """Markdown table of ``compute`` results (GB = 1e9 bytes; bandwidths per GPU; host memory
+    per node)."""
+    head = ("| model | layout | params (B) | params/GPU (M) | fwd+bwd s | copy GB/s | net GB/s "
+            "| dense/GPU GB | dense copy s | W | binding | W copy only | replication s "
+            "| slot mean GB | slot max GB | max/dense | window/dense | node snaps GB "
+            "| node replicas GB | node logs GB | node MoEtion GB | node dense GB |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         w = f"{r.window}" + ("" if r.fits else " (stalls)")
         lines.append(
             f"| {r.name} | {r.layout} | {r.total_params / 1e9:.1f} | "
-            f"{r.params_per_gpu / 1e6:.0f} | {r.fwd_bwd_s:.2f} | {_gb(r.dense_bytes_per_gpu)} | "
-            f"{r.dense_copy_s:.3f} | {w} | {_gb(r.slot_mean_bytes)} | {_gb(r.slot_max_bytes)} | "
-            f"{r.slot_max_bytes / r.dense_bytes_per_gpu:.2f} | "
+            f"{r.params_per_gpu / 1e6:.0f} | {r.fwd_bwd_s:.2f} | {r.copy_gbps:.3g} | "
+            f"{r.network_gbps:.3g} | {_gb(r.dense_bytes_per_gpu)} | {r.dense_copy_s:.3f} | "
+            f"{w} | {r.binding} | {r.copy_window} | {r.replication_s:.2f} of "
+            f"{r.window * r.fwd_bwd_s:.2f} | {_gb(r.slot_mean_bytes)} | "
+            f"{_gb(r.slot_max_bytes)} | {r.slot_max_bytes / r.dense_bytes_per_gpu:.2f} | "
             f"{r.window_bytes / r.dense_bytes_per_gpu:.2f} | {_gb(r.node_snapshot_bytes)} | "
             f"{_gb(r.node_replica_bytes)} | {_gb(r.node_log_bytes)} | "
             f"{_gb(r.node_moetion_bytes)} | {_gb(r.node_dense_bytes)} |")
     return "\n".join(lines)
 
 
+def binding_lines(rows: Sequence[CalcResult]) -> list[str]:
+    """One line per preset: W and the constraint that set it."""
+    out = []
+    for r in rows:
+        fit = "" if r.fits else "; does NOT fit: snapshots or replication fall behind"
+        out.append(f"{r.name}: W={r.window}, binding constraint {r.binding} (copy alone: "
+                   f"W={r.copy_window} at {r.copy_gbps:.3g} GB/s per GPU; replication to the "
+                   f"buddies {r.replication_s:.2f} s of {r.window * r.fwd_bwd_s:.2f} s at "
+                   f"{r.network_gbps:.3g} GB/s per GPU){fit}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the preset table at 25 GB/s (W sized by Algorithm 1), then the same at W = 3 (the
-    paper's window) unless ``--window`` is given. fwd+bwd defaults to each preset's FLOPs
-    estimate (``estimate_fwd_bwd_s``: 4096-token sequences, 2*pp micro-batches of 1 per DP
-    replica, 30% MFU; all assumed)."""
+    """Print W and its binding constraint per preset, the preset table with W sized by
+    ``schedule.size_window`` (each preset's own PCIe and network bandwidths unless overridden),
+    then the same at W = 3 (the paper's window) unless ``--window`` is given. fwd+bwd
+    defaults to each preset's FLOPs estimate (``estimate_fwd_bwd_s``: 4096-token sequences,
+    2*pp micro-batches of 1 per DP replica, 30% MFU; all assumed)."""
     ap = argparse.ArgumentParser(prog="python -m megatron_moetion.bench.calculator")
-    ap.add_argument("--bandwidth-gbps", type=float, default=25.0)
+    ap.add_argument("--bandwidth-gbps", type=float, default=None,
+                    help="device-to-host GB/s per GPU (default: each preset's PCIe share)")
+    ap.add_argument("--network-gbps", type=float, default=None,
+                    help="network GB/s per node (default: each preset's NICs)")
     ap.add_argument("--fwd-bwd-s", type=float, default=None)
     ap.add_argument("--window", type=int, default=None)
     ap.add_argument("--replication", type=int, default=2)
     a = ap.parse_args(argv)
     windows = [a.window] if a.window else [None, 3]
     for w in windows:
-        rows = [compute(p, bandwidth_gbps=a.bandwidth_gbps, fwd_bwd_s=a.fwd_bwd_s, window=w,
-                        replication=a.replication) for p in PRESETS.values()]
-        sized = f"W = {w}" if w else "W sized by Algorithm 1"
-        print(f"\n{sized}, copy bandwidth {a.bandwidth_gbps:g} GB/s, r = {a.replication}\n")
+        rows = [compute(p, bandwidth_gbps=a.bandwidth_gbps, network_gbps=a.network_gbps,
+                        fwd_bwd_s=a.fwd_bwd_s, window=w, replication=a.replication)
+                for p in PRESETS.values()]
+        sized = f"W = {w}" if w else "W sized by copy and replication budgets (size_window)"
+        print(f"\n{sized}, r = {a.replication}\n")
+        if not w:
+            print("\n".join(binding_lines(rows)) + "\n")
         print(format_table(rows))
     return 0
 

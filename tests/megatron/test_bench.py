@@ -33,5 +33,7 @@ def test_bench_tiny_outputs_are_well_formed(tmp_path, patched_megatron):
     assert len(result["ettr_paper_setting"]) == 16  # 4 schemes x 4 MTBFs
     table = (tmp_path / "bench.md").read_text()
     assert table.startswith("| scheme | iteration (ms)") and "| moetion |" in table
+    assert "DeepSeek-MoE-16.4B/64E: W=4, binding constraint network" in table
+    assert "binding constraint" in out.stdout
     for png in ("ettr_vs_mtbf.png", "stall_per_iteration.png", "recovery_phases.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

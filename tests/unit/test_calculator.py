@@ -17,6 +17,7 @@ from megatron_moetion.bench.presets import (
     DEEPSEEK_V3,
     MIXTRAL_8X7B,
     PRESETS,
+    QWEN3_235B,
     QWEN_MOE_14B,
     ModelConfig,
     ParallelLayout,
@@ -29,9 +30,19 @@ IDS = list(PRESETS)
 
 
 @pytest.mark.parametrize(("preset", "billions"), [
-    (DEEPSEEK_MOE_16B, 16.4), (MIXTRAL_8X7B, 46.7), (DEEPSEEK_V3, 671.0)])
+    (DEEPSEEK_MOE_16B, 16.4), (MIXTRAL_8X7B, 46.7), (DEEPSEEK_V3, 671.0),
+    (QWEN3_235B, 235.0)])
 def test_parameter_counts_match_the_published_sizes(preset, billions):
-    assert preset.model.total_params / 1e9 == pytest.approx(billions, rel=0.01)
+    assert preset.model.main_params / 1e9 == pytest.approx(billions, rel=0.01)
+
+
+def test_deepseek_v3_with_its_mtp_module_is_685b_as_published():
+    # the published 685B stores the MTP module's own copies of the embedding and output head,
+    # which Megatron shares with the main model (so they are not counted twice here)
+    m = DEEPSEEK_V3.model
+    assert (m.total_params + 2 * m.embedding_params) / 1e9 == pytest.approx(685, rel=0.01)
+    last = stage_operators(m, DEEPSEEK_V3.layout, DEEPSEEK_V3.layout.pp - 1)
+    assert sum(op.name.startswith("mtp0.expert") for op in last) == 256 // 64
 
 
 def test_qwen_with_its_real_60_experts_is_14_3b():
@@ -98,9 +109,29 @@ def test_window_follows_the_budget():
     p = DEEPSEEK_MOE_16B
     wide = compute(p, bandwidth_gbps=1000.0, fwd_bwd_s=10.0)
     assert wide.window == 1 and wide.slot_max_bytes == wide.dense_bytes_per_gpu and wide.fits
-    narrow = compute(p, bandwidth_gbps=25.0, fwd_bwd_s=0.1)
-    assert narrow.window > 1 and narrow.fits
+    narrow = compute(p, bandwidth_gbps=25.0, fwd_bwd_s=0.1, replication=0)
+    assert narrow.window > 1 and narrow.fits and narrow.binding == "copy"
     assert narrow.slot_max_bytes <= 25e9 * 0.1
+
+
+def test_replication_over_the_node_network_sets_w_for_the_paper_cluster():
+    # 4 A100 per node share 80 Gbps: 2.5 GB/s per GPU; two copies of a dense snapshot take
+    # longer than an iteration, so W grows until r windows fit W iterations (about 4)
+    r = compute(DEEPSEEK_MOE_16B)
+    assert r.copy_window == 1 and r.binding == "network" and r.window == 4 and r.fits
+    assert r.replication_s <= r.window * r.fwd_bwd_s
+    assert 2 * r.dense_bytes_per_gpu / (r.network_gbps * 1e9) > r.fwd_bwd_s
+    faster = compute(DEEPSEEK_MOE_16B, network_gbps=400.0)
+    assert faster.window == 1 and faster.binding == "none"
+    alone = compute(DEEPSEEK_MOE_16B, replication=0)
+    assert alone.window == 1 and alone.replication_s == 0
+
+
+def test_pcie_shared_by_two_gpus_halves_each_share():
+    assert MIXTRAL_8X7B.copy_gbps_per_gpu == MIXTRAL_8X7B.pcie_gbps / 2
+    assert compute(MIXTRAL_8X7B).copy_gbps == MIXTRAL_8X7B.pcie_gbps / 2
+    with pytest.raises(ValueError, match="gpus_per_pcie_switch"):
+        replace(MIXTRAL_8X7B, gpus_per_pcie_switch=9)
 
 
 @pytest.mark.parametrize("preset", PRESET_LIST, ids=IDS)
@@ -184,4 +215,5 @@ def test_table_and_main(capsys):
     assert table.isascii()
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert "W = 3" in out and "DeepSeek-V3" in out
+    assert "W = 3" in out and "DeepSeek-V3" in out and "Qwen3-235B" in out
+    assert "W=4, binding constraint network" in out

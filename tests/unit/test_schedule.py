@@ -10,6 +10,7 @@ from megatron_moetion.schedule import (
     PopularityTracker,
     find_window,
     partition_for_window,
+    size_window,
     slot_costs,
 )
 
@@ -112,3 +113,34 @@ def test_reorder_rule():
             {"e0": 10.5, "e1": 10, "e2": 10, "e3": 9.8}] * 5:
         small.add(counts)
     assert not small.should_reorder()  # every share moved by less than 10%
+
+
+def _ops(n: int, active: int = 12, frozen: int = 2) -> list[OperatorSpec]:
+    return [OperatorSpec(f"op{i}", OpKind.EXPERT, 1, i, 1, active, frozen) for i in range(n)]
+
+
+def test_size_window_without_network_is_find_window():
+    ops = _ops(6)
+    got = size_window(ops, copy_bytes_per_s=30.0, fwd_bwd_s=1.0)
+    assert got.window == find_window(ops, 30.0).window and got.binding == "copy"
+    assert size_window(ops, copy_bytes_per_s=1e6, fwd_bwd_s=1.0).binding == "none"
+
+
+def test_size_window_grows_w_until_replication_fits_w_iterations():
+    ops = _ops(6)  # dense 72 bytes; copy fits W = 1 at 100 bytes per fwd+bwd
+    got = size_window(ops, copy_bytes_per_s=100.0, fwd_bwd_s=1.0, network_bytes_per_s=40.0,
+                      replicas=2)
+    assert got.copy_window == 1 and got.binding == "network" and got.fits
+    assert got.replication_s == 2 * sum(got.schedule.slot_bytes) / 40.0
+    assert got.replication_s <= got.window * 1.0
+    smaller = partition_for_window(ops, got.window - 1)
+    assert 2 * sum(smaller.slot_bytes) / 40.0 > (got.window - 1) * 1.0  # the smallest such W
+    assert "binding: network" in got.describe()
+
+
+def test_size_window_that_cannot_fit_says_so():
+    got = size_window(_ops(4), copy_bytes_per_s=100.0, fwd_bwd_s=1.0, network_bytes_per_s=1.0,
+                      replicas=2)
+    assert not got.fits and got.window == 4 and "does NOT fit" in got.describe()
+    with pytest.raises(ValueError, match="network"):
+        size_window(_ops(2), copy_bytes_per_s=1.0, fwd_bwd_s=1.0, network_bytes_per_s=0.0)
