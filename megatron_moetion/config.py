@@ -71,8 +71,37 @@ class MoEtionConfig:
     copy_bandwidth_gbps: float = field(
         default=0.0,
         metadata=_help(
-            "Device-to-host copy bandwidth in GB/s used to size W. 0 measures it at start-up.",
+            "Device-to-host copy bandwidth per GPU in GB/s used to size W (its share of a PCIe "
+            "switch shared with other GPUs). 0 measures it at start-up, every rank at once.",
             allowed=(lambda v: v >= 0, ">= 0 (0 = measure)"),
+        ),
+    )
+    network_bandwidth_gbps: float = field(
+        default=0.0,
+        metadata=_help(
+            "The node's network bandwidth in GB/s for replication to buddies, shared by the "
+            "node's ranks; W grows until a window's replication to every buddy fits W "
+            "iterations. 0 measures each rank's share at start-up with a short probe on the "
+            "replication group (every rank sending to a buddy at once).",
+            allowed=(lambda v: v >= 0, ">= 0 (0 = measure)"),
+        ),
+    )
+    copy_interleave: bool = field(
+        default=True,
+        metadata=_help(
+            "On GPU, issue each snapshot's device-to-host copies in chunks at the start of the "
+            "forward's attention blocks, where no expert-parallel all-to-all is in flight, "
+            "instead of in one burst after the optimizer step (they share PCIe with the "
+            "all-to-all's NIC traffic). The last slot of a window is copied at the window's "
+            "close. No effect on CPU, where copies are synchronous."
+        ),
+    )
+    copy_chunk_mb: float = field(
+        default=0.0,
+        metadata=_help(
+            "Size in MiB of those chunks; 0 spreads each snapshot evenly over the quiet "
+            "points of the previous iteration.",
+            allowed=(lambda v: v >= 0, ">= 0 (0 = automatic)"),
         ),
     )
     iter_time_s: float = field(

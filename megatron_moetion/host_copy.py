@@ -5,7 +5,8 @@ and the upstream logs.
 no iteration allocates host memory. ``SideStreamCopies`` is the asynchronous copier on CUDA:
 copies on a side stream, ordered after the work already issued on the training stream (the
 ordering rules its users keep are in ``snapshot``'s docstring). ``measure_copy_bandwidth``
-measures the device-to-host bandwidth that sizes the sparse window.
+measures the device-to-host bandwidth that sizes the sparse window. ``DeferredCopies`` runs the
+asynchronous path on CPU (tests).
 """
 
 from __future__ import annotations
@@ -93,6 +94,51 @@ class SideStreamCopies:
     def synchronize(self, handle) -> None:
         """Block the host until the copies (and every copy launched before them) are done."""
         handle.synchronize()
+
+
+DEFERRED_COPIES_ENV = "MOETION_DEFERRED_COPIES"
+
+
+class DeferredCopies:
+    """Runs the GPU copy path on CPU: each launch is queued, and the queue runs only when the
+    engine orders the training stream after a handle or synchronizes on it, as a CUDA side
+    stream would run the copies later. The unit tests use it directly; a Megatron run on CPU
+    uses it when ``MOETION_DEFERRED_COPIES=1`` (``DEFERRED_COPIES_ENV``) is set, so the
+    asynchronous and chunked paths run inside Megatron's training loop without a GPU.
+    ``launch_log`` holds the bytes of each launch, in order."""
+
+    pinned = False
+
+    def __init__(self):
+        self.queue: list[tuple[int, list]] = []
+        self.launched = 0
+        self.syncs = 0
+        self.kept_alive: list[torch.Tensor] = []
+        self.launch_log: list[int] = []
+
+    def launch(self, pairs, keep_alive=()):
+        self.launched += 1
+        self.queue.append((self.launched, list(pairs)))
+        self.kept_alive.extend(keep_alive)
+        self.launch_log.append(sum(src.numel() * src.element_size() for _, src in pairs))
+        return self.launched
+
+    def _run_through(self, handle):
+        while self.queue and self.queue[0][0] <= handle:
+            _, pairs = self.queue.pop(0)
+            for dst, src in pairs:
+                dst.copy_(src)
+
+    def order_before_current(self, handle):
+        self._run_through(handle)
+
+    def synchronize(self, handle):
+        self.syncs += 1
+        self._run_through(handle)
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue)
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 64 << 20, repeats: int = 3) -> float:

@@ -27,6 +27,11 @@ A window buffer is never handed back to the pool while a copy into it may be pen
 (``release`` waits for it), and ``seal`` waits too, before anyone reads the bytes. On CPU the
 copies are plain memcpy, done before ``capture`` returns.
 
+With ``interleave`` the asynchronous copies of a capture are not queued at once but staged in
+a ``copy_schedule.ChunkedCopies``, which issues them in chunks at the quiet points of the next
+forward (no expert-parallel all-to-all in flight); ``wait_for_copies`` and ``synchronize``
+issue whatever is left first.
+
 The asynchronous path goes through a *copier* (``host_copy.SideStreamCopies`` on CUDA):
 ``launch`` queues copies after the work already issued on the training stream,
 ``order_before_current`` makes the training stream wait for them, ``synchronize`` blocks the
@@ -44,6 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_moetion.copy_schedule import ChunkedCopies
 from megatron_moetion.host_copy import HostBufferPool, SideStreamCopies
 
 ALIGN = 64
@@ -238,7 +244,21 @@ class SnapshotEngine:
         self.copier = copier
         self.pool = HostBufferPool(pinned=bool(getattr(copier, "pinned", False)))
         self._pending = None  # copier handle of the last capture not known to be done
+        self.chunks: ChunkedCopies | None = None
         self.last_copy_s = 0.0
+
+    def interleave(self, chunk_bytes: int = 0) -> ChunkedCopies | None:
+        """Issue each capture's copies in chunks at quiet points (``copy_schedule``); only
+        with an asynchronous copier (on CPU copies are synchronous: nothing to interleave)."""
+        if self.copier is not None:
+            self.chunks = ChunkedCopies(self.copier, chunk_bytes)
+        return self.chunks
+
+    def _issue_all(self):
+        """The last capture's copier handle, after issuing any chunks still staged."""
+        if self._pending is self.chunks and self.chunks is not None:
+            self._pending = self.chunks.flush()
+        return self._pending
 
     def begin_window(self, window_id: int, start_iteration: int, layout: WindowLayout,
                      meta: dict) -> Window:
@@ -274,7 +294,12 @@ class SnapshotEngine:
                         staged.append(src)
                     pairs.append((window.view(spec), src))
                     nbytes += spec.nbytes
-                self._pending = self.copier.launch(pairs, keep_alive=staged)
+                if self.chunks is not None:
+                    self._issue_all()  # an earlier capture's chunks are due before these
+                    self.chunks.stage(pairs, staged)
+                    self._pending = self.chunks
+                else:
+                    self._pending = self.copier.launch(pairs, keep_alive=staged)
         window.slot_meta[slot] = dict(meta)
         self.last_copy_s = time.perf_counter() - start
         return nbytes
@@ -284,14 +309,17 @@ class SnapshotEngine:
         if self._pending is None:
             return 0.0
         start = time.perf_counter()
-        self.copier.order_before_current(self._pending)
+        handle = self._issue_all()
+        if handle is not None:
+            self.copier.order_before_current(handle)
         return time.perf_counter() - start
 
     def synchronize(self) -> None:
         """Block the host until the last capture has landed (before reading the buffer)."""
-        if self._pending is not None:
-            self.copier.synchronize(self._pending)
-            self._pending = None
+        handle = self._issue_all()
+        if handle is not None:
+            self.copier.synchronize(handle)
+        self._pending = None
 
     def seal(self, window: Window) -> None:
         """Freeze a complete window: its metadata blob. The checksum is left to whoever reads

@@ -10,9 +10,13 @@ session calls ``boundary`` at the start and ``capture`` after the optimizer step
 
 from __future__ import annotations
 
+import math
+import os
+
+from megatron_moetion.adapter import copy_points
 from megatron_moetion.adapter.snapshots import SnapshotController
 from megatron_moetion.agreement import Agreement
-from megatron_moetion.host_copy import measure_copy_bandwidth
+from megatron_moetion.host_copy import DEFERRED_COPIES_ENV, DeferredCopies, measure_copy_bandwidth
 from megatron_moetion.replication import Replicator
 from megatron_moetion.snapshot import SnapshotEngine, Window
 from megatron_moetion.storage import PersistWriter, write_window
@@ -28,33 +32,81 @@ class SnapshotPipeline:
         ctx: the first generation's ``RankContext``.
         objects: the first generation's ``MegatronObjects``.
         logs: the rank's upstream log store (the host-memory cap covers it too).
+        probe: measure the bandwidths that size W now (collective: every rank of the job's
+            first generation); False on a reserve rank joining later, which takes the
+            survivors' figures (``adopt_bandwidths``).
     """
 
-    def __init__(self, cfg, ctx, objects, logs: LogStore):
+    def __init__(self, cfg, ctx, objects, logs: LogStore, probe: bool = True):
         self.cfg, self.rank = cfg, ctx.rank
-        self.engine = SnapshotEngine(ctx.device)
+        copier = None
+        if os.environ.get(DEFERRED_COPIES_ENV) == "1" and ctx.device.type == "cpu":
+            copier = DeferredCopies()  # tests: the GPU copy path on CPU
+        self.engine = SnapshotEngine(ctx.device, copier=copier)
+        chunks = (self.engine.interleave(int(cfg.copy_chunk_mb * (1 << 20)))
+                  if cfg.copy_interleave else None)
+        self._copy_hooks = copy_points.install(objects.model, chunks) if chunks else []
         self.replicator = Replicator(ctx.transport, ctx.topology.buddies(ctx.rank),
                                      ctx.topology.owners(ctx.rank), self.engine.pool)
         self.persist = PersistWriter(cfg.persist_dir, ctx.rank) if cfg.persist_dir else None
         self.windows = WindowManager(self.engine, self.replicator, self.persist)
-        self.copy_bandwidth = (cfg.copy_bandwidth_gbps * 1e9 if cfg.copy_bandwidth_gbps
-                               else measure_copy_bandwidth(ctx.device))
+        self.copy_bandwidth, self.network_bandwidth = self._bandwidths(cfg, ctx, probe)
         self.schedule = SnapshotController(cfg, objects.bindings, objects.optimizer,
                                            self.windows, self.copy_bandwidth, ctx.rank,
-                                           ctx.gather)
+                                           ctx.gather, network_bandwidth=self.network_bandwidth,
+                                           replicas=len(ctx.topology.buddies(ctx.rank)))
         self.host_memory = HostMemoryCap(cfg.host_memory_cap_bytes, self.windows,
                                          self.replicator, logs, ctx.rank)
         # PP = 1: no pipeline partner reads a rank's micro-batches too; its buddies keep them
         self.ships_data = bool(ctx.topology.buddies(ctx.rank)) and ctx.topology.single_stage
 
+    def _bandwidths(self, cfg, ctx, probe: bool) -> tuple[float, float]:
+        """(device-to-host, network) bytes/s that size W, from the flags or measured with every
+        rank at once (ranks sharing a PCIe switch or a NIC see their share), then the slowest
+        rank's, so that every rank sizes W from the same figures."""
+        copy = cfg.copy_bandwidth_gbps * 1e9
+        if cfg.network_bandwidth_gbps:
+            node = ctx.topology.infos[ctx.rank].node
+            local = sum(1 for i in ctx.topology.infos.values() if i.node == node)
+            network = cfg.network_bandwidth_gbps * 1e9 / local
+        else:
+            network = math.inf  # until measured (or adopted from the survivors)
+        if not probe:
+            return copy or math.inf, network
+        if not copy:
+            ctx.gather(None)  # start together
+            copy = measure_copy_bandwidth(ctx.device)
+        if not cfg.network_bandwidth_gbps:
+            network = self.replicator.probe_bandwidth()
+        everyone = ctx.gather((copy, network))
+        return min(c for c, _ in everyone), min(n for _, n in everyone)
+
+    def bandwidths(self) -> dict:
+        """What sizes W (the same on every rank), for a reserve rank joining later
+        (``adopt_bandwidths``)."""
+        return {"copy": self.copy_bandwidth, "network": self.network_bandwidth}
+
+    def adopt_bandwidths(self, figures: dict | None) -> None:
+        """A reserve rank: size W with the figures a survivor measured at start-up."""
+        if figures:
+            self.copy_bandwidth = float(figures["copy"])
+            self.network_bandwidth = float(figures["network"])
+            self.schedule.copy_bandwidth = self.copy_bandwidth
+            self.schedule.network_bandwidth = self.network_bandwidth
+
     # ------------------------------------------------------------------ generations
     def release(self) -> None:
         """Drop every reference into the failed generation's objects and groups (windows and
         copies stay)."""
+        for handle in self._copy_hooks:
+            handle.remove()
+        self._copy_hooks = []
         self.schedule.release()
         self.replicator.rebind(None)
 
     def rebind(self, ctx, objects) -> None:
+        if self.engine.chunks is not None:
+            self._copy_hooks = copy_points.install(objects.model, self.engine.chunks)
         self.replicator.rebind(ctx.transport)
         self.schedule.rebind(objects.bindings, objects.optimizer, ctx.gather)
 
@@ -172,6 +224,8 @@ class SnapshotPipeline:
         return dict(
             fwd_bwd_ms=times[-1] * 1e3 if times else None,
             window_size=self.schedule.schedule.window if self.schedule.schedule else None,
+            **self.schedule.window_metrics(),
+            **(self.engine.chunks.stats() if self.engine.chunks is not None else {}),
             dense_bytes=self.schedule.dense_bytes(),
             host_bytes_held=self.windows.held_bytes() + self.replicator.held_bytes(),
             host_memory_cap_bytes=self.host_memory.limit(),

@@ -5,8 +5,10 @@ FP32 main weights and the distributed optimizer; an Adam that keeps ``step`` per
 as Transformer Engine's and Apex's FusedAdam do (``testing.group_step_adam``: neither builds on
 CPU); attention and hidden dropout 0.1; sigmoid routing with ``--moe-router-enable-expert-bias``
 (the router holds an ``expert_bias`` buffer Megatron updates after every step) and the sequence
-aux loss; a shared expert; W chosen by Algorithm 1 (bandwidth and forward-backward time given,
-so the choice is the same in every run: the first window has W=1, the later ones W=3); reorder
+aux loss; a shared expert; W chosen by Algorithm 1 with the network budget (copy and network
+bandwidths and forward-backward time given, so the choice is the same in every run: the first
+window has W=1, the later ones W=3, set by the replication of a window to the two buddies over
+the node's 0.34 GB/s, while the copy budget alone would take W=1); reorder
 thresholds low enough that the popularity order changes at window boundaries.
 
 MTP is not in the recipe: with PP > 1 it is refused at argument validation (Megatron
@@ -21,6 +23,7 @@ import pytest
 from test_process_failures import DETECT, processes_mentioning
 
 from megatron_moetion.demo.runner import RunConfig
+from megatron_moetion.host_copy import DEFERRED_COPIES_ENV
 from megatron_moetion.metrics import read_metrics
 from megatron_moetion.oracle import compare_dumps
 
@@ -30,8 +33,10 @@ RECIPE_FLAGS = (
     "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
     "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff", "1e-2",
     "--moe-shared-expert-intermediate-size", "64",
-    # Algorithm 1 with a fixed budget (0.9 MB per iteration): W=3 for this model
-    "--moetion-copy-bandwidth-gbps", "0.045", "--moetion-iter-time-s", "0.02",
+    # Algorithm 1 with fixed budgets: copies fit W=1; replication to 2 buddies at 85 MB/s per
+    # rank (4 ranks per node) needs W=3 for this model
+    "--moetion-copy-bandwidth-gbps", "10", "--moetion-network-bandwidth-gbps", "0.34",
+    "--moetion-iter-time-s", "0.02",
     "--moetion-reorder-threshold", "0.01", "--moetion-reorder-fraction", "0.05",
 )
 RECIPE = RunConfig(train_iters=14, moetion=True, window=0, bf16=True,
@@ -56,11 +61,16 @@ def recoveries(records, rank=0):
 
 
 def test_recipe_windows_change_size_and_order(run_cache):
-    """What the recipe is meant to exercise happens in it: W from Algorithm 1 (1, then 3),
+    """What the recipe is meant to exercise happens in it: W from Algorithm 1 (1, then 3, set
+    by the network budget),
     a reorder of the operators, router expert bias that changes during training."""
     records = read_metrics(run_cache.get(RECIPE) / "metrics")[0]
     opened = [(r["iteration"], r["window_opened"]) for r in records if "window_opened" in r]
     assert [o["size"] for _, o in opened][:3] == [1, 3, 3], opened
+    later = [r for r in records if r["iteration"] > 3 and "window_binding" in r]
+    assert later and all(r["window_binding"] == "network" and r["window_copy_only"] == 1
+                         and r["replication_window_s"] <= r["replication_budget_s"]
+                         for r in later), later[-1]
     assert any(o["reordered"] for it, o in opened[1:] if it < 10), opened
     import torch
 
@@ -70,11 +80,18 @@ def test_recipe_windows_change_size_and_order(run_cache):
 
 
 def test_recipe_single_rank(run_cache, run_ok, tmp_path):
+    """Also the GPU copy path on CPU: copies deferred as on a side stream, issued in chunks at
+    the attention blocks of the next forward (never inside an MoE layer's all-to-all); the run
+    still ends bitwise identical to its fault-free twin, which copied synchronously."""
     records = run_and_compare(run_cache, run_ok, tmp_path,
-                              RECIPE.replace(fault_plan=lose((1, 10, "bwd"))))
+                              RECIPE.replace(fault_plan=lose((1, 10, "bwd"))),
+                              env={DEFERRED_COPIES_ENV: "1"})
     (rec,) = recoveries(records)
     assert rec["ranks_replaying"] == [0, 1] and rec["ranks_paused"] == [2, 3]
     assert rec["conversion_iterations"] >= 1  # a W=3 window, not the W=1 one
+    steps = [r for r in records if r.get("copy_quiet_points")]
+    assert steps and all(r["copy_chunks_in_a2a"] == 0 for r in steps)
+    assert any(r["copy_chunks_at_quiet_points"] > 1 for r in steps), steps[-1]
 
 
 def test_recipe_both_stages(run_cache, run_ok, tmp_path):

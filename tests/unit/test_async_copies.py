@@ -6,46 +6,9 @@ import types
 import pytest
 import torch
 
-from megatron_moetion.host_copy import SideStreamCopies
+from megatron_moetion.host_copy import DeferredCopies, SideStreamCopies
 from megatron_moetion.snapshot import CaptureItem, SnapshotEngine, WindowLayout
 from megatron_moetion.upstream_log import LogStore
-
-
-class DeferredCopies:
-    """A side stream that runs nothing until waited on: ``launch`` queues copies (they read
-    their sources when they run, not when queued); ``order_before_current`` and
-    ``synchronize`` run the queue up to and including a handle, in order."""
-
-    pinned = False
-
-    def __init__(self):
-        self.queue: list[tuple[int, list]] = []
-        self.launched = 0
-        self.syncs = 0
-        self.kept_alive: list[torch.Tensor] = []
-
-    def launch(self, pairs, keep_alive=()):
-        self.launched += 1
-        self.queue.append((self.launched, list(pairs)))
-        self.kept_alive.extend(keep_alive)
-        return self.launched
-
-    def _run_through(self, handle):
-        while self.queue and self.queue[0][0] <= handle:
-            _, pairs = self.queue.pop(0)
-            for dst, src in pairs:
-                dst.copy_(src)
-
-    def order_before_current(self, handle):
-        self._run_through(handle)
-
-    def synchronize(self, handle):
-        self.syncs += 1
-        self._run_through(handle)
-
-    @property
-    def pending(self) -> int:
-        return len(self.queue)
 
 
 def _items():
