@@ -14,9 +14,10 @@ Each rank runs one background thread that, every ``interval_s``:
 Declaring: one scan of every heartbeat names all ranks silent for longer than the timeout (by
 wall time, for the report only), the declaring rank wins a compare-and-set on ``claim`` (so
 exactly one rank acts for the job: ``on_declare``, e.g. fencing and recording the fallback),
-then publishes the verdict. A store that stops answering for longer than the timeout is itself a verdict (its host died).
-Load on the store: per interval, one write and three reads per rank. Before exiting, each
-survivor acknowledges the verdict and waits briefly for the others' acknowledgements, so that
+then publishes the verdict. A store that stops answering for longer than the timeout is
+itself a verdict (its host died). Load on the store: per interval, one write and four reads per
+rank (counted by ``bench/scale.py``). Before exiting, each survivor acknowledges the verdict and
+waits briefly for the others' acknowledgements, so that
 all of them have reported before the launcher tears the job down.
 
 A rank that finishes training marks ``done/<rank>``: a finished rank is not a dead one. Pure

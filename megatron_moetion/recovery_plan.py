@@ -100,7 +100,7 @@ def _reads_data(topology: Topology, holding: Holdings) -> bool:
 
 
 def _data_source(topology: Topology, holdings: dict[int, Holdings], rank: int,
-                 need: tuple[int, int], alive: list[int]) -> tuple[Transfer | None, str]:
+                 need: tuple[int, int], alive: set[int]) -> tuple[Transfer | None, str]:
     """Who can send ``rank`` the micro-batches it read in ``need``: its pipeline partner, else
     (PP = 1) a live buddy holding its shipped copies; (None, why) if nobody can."""
     what = f"the micro-batches it read in iterations {need[0]}-{need[1]}"
@@ -127,9 +127,12 @@ def plan_recovery(topology: Topology, failed: list[int], fault_iteration: int,
         replaying = tuple(topology.affected_slice(failed_t))
     else:
         replaying = tuple(range(topology.world_size))
-    paused = tuple(r for r in range(topology.world_size) if r not in replaying)
-    survivors = [r for r in replaying if r not in failed_t]
+    # sets for membership: at 16k ranks the tuple scans made planning quadratic (docs/scale.md)
+    replaying_set, failed_set = set(replaying), set(failed_t)
+    paused = tuple(r for r in range(topology.world_size) if r not in replaying_set)
+    survivors = [r for r in replaying if r not in failed_set]
     alive = [r for r in range(topology.world_size) if not holdings[r].lost]
+    alive_set = set(alive)
     candidates = sorted({wid for r in survivors for wid in holdings[r].windows}
                         | {wid for h in holdings.values() for copies in h.replicas.values()
                            for wid in copies}, reverse=True)
@@ -154,7 +157,7 @@ def plan_recovery(topology: Topology, failed: list[int], fault_iteration: int,
             if wid in holdings[r].windows:  # recovered earlier in this recovery: has a copy
                 span = holdings[r].windows[wid]
                 continue
-            source = next((b for b in topology.buddies(r) if b in alive and b != r
+            source = next((b for b in topology.buddies(r) if b in alive_set and b != r
                            and wid in holdings[b].replicas.get(r, {})), None)
             if source is None:
                 lost[r] = (f"every copy of its window {wid} is gone (buddies "
@@ -171,7 +174,7 @@ def plan_recovery(topology: Topology, failed: list[int], fault_iteration: int,
         lo, hi = start + 1, fault_iteration - 1
         for r in replaying:
             for neighbour, kind in ((topology.prev_rank(r), "fwd"), (topology.next_rank(r), "bwd")):
-                if neighbour is None or neighbour in replaying or lo > hi:
+                if neighbour is None or neighbour in replaying_set or lo > hi:
                     continue
                 if holdings[neighbour].lost or not _covers(holdings[neighbour].logs.get(kind),
                                                            lo, hi):
@@ -184,7 +187,7 @@ def plan_recovery(topology: Topology, failed: list[int], fault_iteration: int,
                 if not _covers(holdings[r].logs.get("data"), *need):
                     # lost with the rank, or dropped (host-memory cap): its partner read them
                     # too; at PP = 1 its buddies hold what it shipped them
-                    transfer, why = _data_source(topology, holdings, r, need, alive)
+                    transfer, why = _data_source(topology, holdings, r, need, alive_set)
                     if transfer is None:
                         lost[r] = why
                     else:

@@ -52,6 +52,7 @@ class Topology:
                                        replication_factor)
         self.num_buddies = len(self._buddies[0]) if self._buddies else 0
         self.capped = self.num_buddies < replication_factor
+        self._owners: dict[int, list[int]] | None = None  # built on first use
 
     @property
     def single_stage(self) -> bool:
@@ -95,10 +96,14 @@ class Topology:
 
     def owners(self, rank: int) -> list[int]:
         """``owners(x)[j]`` is the rank whose ``j``-th buddy is ``x``."""
-        out = []
-        for j in range(self.num_buddies):
-            out.append(next(o for o in range(self.world_size) if self._buddies[o][j] == rank))
-        return out
+        if self._owners is None:  # one pass, not a scan of the world per call (docs/scale.md)
+            inverse: list[dict[int, int]] = [{} for _ in range(self.num_buddies)]
+            for o in range(self.world_size - 1, -1, -1):  # the lowest owner wins, as before
+                for j, b in enumerate(self._buddies[o]):
+                    inverse[j][b] = o
+            self._owners = {r: [inverse[j][r] for j in range(self.num_buddies)]
+                            for r in range(self.world_size)}
+        return list(self._owners[rank])
 
     def affected_slice(self, failed: Iterable[int]) -> list[int]:
         """Every rank of every stage that holds a failed rank: they replay together, so the
@@ -115,14 +120,19 @@ def assign_buddies(nodes: list[int], replication_factor: int) -> list[list[int]]
     if world == 0 or replication_factor <= 0:
         return [[] for _ in range(world)]
     node_ids = sorted(set(nodes))
-    by_node = {n: [r for r in range(world) if nodes[r] == n] for n in node_ids}
+    # one pass over the ranks (a scan per node was quadratic: 1.7 s at 16k ranks, docs/scale.md)
+    by_node: dict[int, list[int]] = {n: [] for n in node_ids}
+    local_index = [0] * world
+    for rank in range(world):
+        local_index[rank] = len(by_node[nodes[rank]])
+        by_node[nodes[rank]].append(rank)
+    position = {n: i for i, n in enumerate(node_ids)}
     equal_nodes = len({len(v) for v in by_node.values()}) == 1
     if len(node_ids) > 1 and equal_nodes:
         r = min(replication_factor, len(node_ids) - 1)
         out = []
         for rank in range(world):
-            n = node_ids.index(nodes[rank])
-            local = by_node[nodes[rank]].index(rank)
+            n, local = position[nodes[rank]], local_index[rank]
             out.append([by_node[node_ids[(n + j) % len(node_ids)]][local] for j in range(1, r + 1)])
         return out
     r = min(replication_factor, world - 1)
