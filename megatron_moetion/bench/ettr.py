@@ -4,8 +4,8 @@ ETTR (effective training time ratio) is useful training time over wall-clock tim
 analytic model is PAPER.md 1.4. ``simulate`` plays a run against failure times (exponential
 with a given MTBF from a seeded ``random.Random``, or a trace file) for four schemes: MoEtion,
 Gemini, CheckFreq and MoC-System. A failure discards the iteration in flight and starts a
-recovery; a failure during recovery restarts it. ``ettr_paper`` holds the paper's setting
-and the comparison with its numbers.
+recovery; a failure during recovery restarts it. ``ettr_inputs`` derives the inputs per
+preset and ``ettr_paper`` compares the results with the paper's numbers.
 """
 
 from __future__ import annotations
@@ -65,11 +65,11 @@ class MoEtionScheme:
     failed iteration, all at ``1 - localized_saving`` of an iteration, plus ``fixed_recovery_s``.
 
     Attributes:
-        t_iter_s: iteration time (not stated by the paper; derived in ``PaperSetting``).
+        t_iter_s: iteration time (not stated by the paper; derived in ``ettr_inputs``).
         stall_s: snapshot stall added to every iteration (PAPER.md 6.2, Table 3: <= 2%).
         window_iters: W (PAPER.md 6.7, Table 6: +17.2% host memory ~ (W - 1)/12, so W = 3).
-        fixed_recovery_s: detection, restart and buddy fetch per failure (assumed 0: the
-            paper's 117-241 s recovery totals leave no room for them).
+        fixed_recovery_s: detection, restart and buddy fetch per failure (default 0;
+            ``ettr_inputs`` derives it).
         conversion_saving: conversion replay saving, frozen operators skip wgrad and optimizer
             (PAPER.md 3.2/6.5, Fig 13: ~33%).
         localized_saving: replay saving of upstream logging, no pipeline bubbles (PAPER.md
@@ -104,11 +104,10 @@ class GeminiScheme:
     """Dense in-memory checkpoint every k iterations (Gemini, SOSP'23); global rollback.
 
     Attributes:
-        t_iter_s: iteration time (the same model as MoEtion's; derived in ``PaperSetting``).
-        ckpt_stall_s: stall of one dense checkpoint (derived in ``PaperSetting`` from Gemini's
-            stated 11-15% overhead at MTBF 10 min, PAPER.md 1.2).
-        load_s: per-failure restart and load seconds (derived: one node's dense state from
-            peer CPU memory over the 80 Gbps network of PAPER.md 6.1; restart assumed 0).
+        t_iter_s: iteration time (the same model as MoEtion's; derived in ``ettr_inputs``).
+        ckpt_stall_s: stall of one dense checkpoint (derived from bytes and bandwidths in
+            ``ettr_inputs``).
+        load_s: per-failure detection, restart and load seconds (``ettr_inputs``).
         interval_iters: k; None picks it by Young/Daly from ``ckpt_stall_s`` and the MTBF
             (the paper's "optimal policy", method not stated, PAPER.md 1.4).
     """
@@ -148,8 +147,7 @@ class CheckFreqScheme(GeminiScheme):
     a larger stall (the persist) and a slower load (from storage).
 
     Attributes: as ``GeminiScheme``, except ``ckpt_stall_s`` and ``load_s``, both derived in
-    ``PaperSetting`` as the dense state over the 40 Gbps storage link (PAPER.md 6.1); they
-    reproduce the stated CheckFreq recovery total (PAPER.md 6.2, Table 3).
+    ``ettr_inputs`` from the dense state over the 40 Gbps storage link (PAPER.md 6.1).
     """
 
     name: ClassVar[str] = "checkfreq"
@@ -162,7 +160,7 @@ class MoCScheme:
     snapshot, losing on average (1/fraction - 1)/2 iterations' worth of expert updates.
 
     Attributes:
-        t_iter_s: iteration time (the same model as MoEtion's; derived in ``PaperSetting``).
+        t_iter_s: iteration time (the same model as MoEtion's; derived in ``ettr_inputs``).
         full_stall_s: stall of a checkpoint of 100% of the experts; the stall is linear in the
             fraction (assumed; PAPER.md 6.2, Table 3: up to 470% overhead at MTBF 10 min, taken
             as 100%; PAPER.md 6.3, Fig 10: goodput -71% from 12.5% to 100%, and
