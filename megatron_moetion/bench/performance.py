@@ -12,6 +12,7 @@ import argparse
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from megatron_moetion.bench import contention
 from megatron_moetion.bench.ettr_inputs import (
     DETECT_S,
     MOC_FRACTION,
@@ -122,7 +123,9 @@ def build(presets: Sequence[Preset] | None = None, *, num_runs: int = 10,
 
 def document(inputs: dict[str, EttrInputs], tables: dict[str, EttrTable],
              num_runs: int) -> str:
-    """``docs/performance.md``: inputs with sources, ETTRs beside the paper's, differences."""
+    """``docs/performance.md``: inputs with sources, ETTRs beside the paper's, differences,
+    and the copy/all-to-all contention model."""
+    presets = [p for p in PRESETS.values() if p.model.name in inputs]
     out = [
         "# Performance: ETTR from independent inputs, beside the paper's",
         "",
@@ -163,6 +166,16 @@ def document(inputs: dict[str, EttrInputs], tables: dict[str, EttrTable],
             "reproduces the order of the paper's 470% overhead and 0.134 ETTR.",
             "- The 671B row uses DeepSeek-V3's real layout on H800 (W = 1, 400 Gbps per GPU); "
             "the paper's 671B figures come from its simulator on another layout."]
+    out += ["", "## Snapshot copies against the expert-parallel all-to-all (model)", "",
+            "From `python -m megatron_moetion.bench.contention` (assumptions in its docstring): "
+            "extra all-to-all time per iteration when the slot's device-to-host copy shares the "
+            "GPU's PCIe link with off-node all-to-all traffic, copied in one burst or in chunks "
+            "at the attention blocks (`--moetion-copy-interleave`). The last slot of every "
+            "window is still a burst (it is copied at the window's close), so at W = 1 "
+            "interleaving changes nothing; the paper's cluster keeps EP inside a node (no "
+            "off-node all-to-all). Not measured: no GPU node was available.", "",
+            contention.format_table([contention.model(p) for p in presets]),
+            ]
     out += ["", "## ETTR (simulated) per preset and MTBF, with the paper's", "",
             summary_markdown(tables)]
     for name in (PAPER_16B, PAPER_671B):
