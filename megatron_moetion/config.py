@@ -227,6 +227,16 @@ class MoEtionConfig:
         ),
     )
 
+    rack_id: str = field(
+        default="",
+        metadata=_help(
+            "The rack (or other failure domain above a node) this rank's node is in, e.g. "
+            "'--moetion-rack-id $RACK' from the job script; '{rank}' is filled in. Buddies then "
+            "go to nodes of other racks first, so a rack failure leaves a copy. Empty: "
+            "racks unknown (buddies only on other nodes)."
+        ),
+    )
+
     # Settings for tests, benchmarks and debugging: typed here like every other setting, never
     # read from the environment. Leave them at their defaults in production runs.
     node_id: str = field(
@@ -288,7 +298,7 @@ class MoEtionConfig:
         if not self.enabled:
             # Fault plans and sparse-checkpoint settings need MoEtion itself; silently
             # ignoring them would let a user believe they are protected.
-            for name in ("fault_plan", "persist_dir", "metrics_file", "node_id",
+            for name in ("fault_plan", "persist_dir", "metrics_file", "node_id", "rack_id",
                          "debug_dump_dir", "debug_recovery_delay_s", "negative_control",
                          "bench_baseline"):
                 if getattr(self, name):

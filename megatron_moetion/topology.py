@@ -112,6 +112,21 @@ class Topology:
         return sorted(r for r, i in self.infos.items() if i.stage in stages)
 
 
+def rack_order(node_racks: dict[str, str]) -> list[str]:
+    """Node names in the order their indices take (``RankInfo.node``), so that the next nodes
+    of a node, where ``assign_buddies`` puts its buddies, are in other racks: nodes round-robin
+    over the racks (each rack's nodes sorted, racks sorted). Without rack names (all "") this
+    is the sorted order, as before racks were known."""
+    racks: dict[str, list[str]] = {}
+    for node in sorted(node_racks, key=str):
+        racks.setdefault(node_racks[node], []).append(node)
+    if len(racks) <= 1:
+        return sorted(node_racks, key=str)
+    columns = [racks[k] for k in sorted(racks, key=str)]
+    return [col[i] for i in range(max(len(c) for c in columns)) for col in columns
+            if i < len(col)]
+
+
 def assign_buddies(nodes: list[int], replication_factor: int) -> list[list[int]]:
     """Buddies per rank: on other nodes where there are several (the same local index on the
     next nodes, ring-wise), else the next ranks ring-wise. At most one per other node (several

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_moetion.replication import new_group_for
-from megatron_moetion.topology import RankInfo, Topology
+from megatron_moetion.topology import RankInfo, Topology, rack_order
 from megatron_moetion.transport import ProcessGroupTransport
 
 logger = logging.getLogger(__name__)
@@ -66,10 +66,16 @@ class RankContext:
         info = RankInfo(rank, mpu.get_pipeline_model_parallel_rank(), 0,
                         tuple(dist.get_process_group_ranks(pp_group)))
         gathered = [None] * world_size
-        dist.all_gather_object(gathered, (info, node_id(cfg.node_id, rank)), group=control_group)
-        nodes = sorted({n for _, n in gathered}, key=str)
-        topology = Topology([RankInfo(i.rank, i.stage, nodes.index(n), i.pipeline)
-                             for i, n in gathered], cfg.replication_factor,
+        rack = cfg.rack_id.replace("{rank}", str(rank))
+        dist.all_gather_object(gathered, (info, node_id(cfg.node_id, rank), rack),
+                               group=control_group)
+        node_racks: dict[str, str] = {}
+        for _, n, k in gathered:  # a node's ranks should agree; the lowest rank's name wins
+            node_racks.setdefault(n, k)
+        nodes = rack_order(node_racks)
+        position = {n: i for i, n in enumerate(nodes)}
+        topology = Topology([RankInfo(i.rank, i.stage, position[n], i.pipeline)
+                             for i, n, _ in gathered], cfg.replication_factor,
                             ring=bool(mpu.get_virtual_pipeline_model_parallel_world_size()))
         if topology.capped and rank == 0:
             logger.warning("[moetion] --moetion-replication-factor %d capped to %d buddies "

@@ -37,7 +37,7 @@ from megatron_moetion.bench.presets import DEEPSEEK_V3, Preset, check_field
 from megatron_moetion.config import MoEtionConfig
 from megatron_moetion.liveness import Liveness
 from megatron_moetion.recovery_plan import Holdings, plan_recovery
-from megatron_moetion.topology import RankInfo, Topology
+from megatron_moetion.topology import RankInfo, Topology, rack_order
 
 WORLDS = (1024, 4096, 16384)
 NODES_PER_RACK = 4  # assumed: a ~40 kW rack holds four DGX H100 (10.2 kW each, DGX datasheet)
@@ -82,6 +82,8 @@ class ScaleRow:
     buddies_other_node: float  # fraction of buddy copies on another node
     buddies_other_rack: float  # fraction on another rack
     ranks_lost_on_rack_failure: float  # fraction whose every copy is in its own rack
+    buddies_other_rack_after: float  # the same with --moetion-rack-id (topology.rack_order)
+    ranks_lost_on_rack_failure_after: float
     node_moetion_gb: float
     node_dense_gb: float
 
@@ -236,20 +238,36 @@ def _median_time(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def buddy_placement(topology: Topology, nodes_per_rack: int) -> tuple[float, float, float]:
+def buddy_placement(topology: Topology, nodes_per_rack: int,
+                    rack_of: dict[int, int] | None = None) -> tuple[float, float, float]:
     """(other-node fraction, other-rack fraction, fraction of ranks with every copy in their
-    own rack: a rack failure loses their state)."""
+    own rack: a rack failure loses their state). ``rack_of``: node index -> rack (default
+    ``node // nodes_per_rack``, nodes numbered rack by rack)."""
+    def rack(node: int) -> int:
+        return rack_of[node] if rack_of is not None else node // nodes_per_rack
+
     copies = other_node = other_rack = all_in_rack = 0
     for r in range(topology.world_size):
         node = topology.infos[r].node
         buddies = topology.buddies(r)
-        racks = [topology.infos[b].node // nodes_per_rack for b in buddies]
+        racks = [rack(topology.infos[b].node) for b in buddies]
         copies += len(buddies)
         other_node += sum(topology.infos[b].node != node for b in buddies)
-        other_rack += sum(k != node // nodes_per_rack for k in racks)
-        all_in_rack += bool(buddies) and all(k == node // nodes_per_rack for k in racks)
+        other_rack += sum(k != rack(node) for k in racks)
+        all_in_rack += bool(buddies) and all(k == rack(node) for k in racks)
     return (other_node / max(copies, 1), other_rack / max(copies, 1),
             all_in_rack / topology.world_size)
+
+
+def rack_aware(infos: Sequence[RankInfo],
+               nodes_per_rack: int) -> tuple[list[RankInfo], dict[int, int]]:
+    """The same ranks with node indices in ``topology.rack_order`` (what ``--moetion-rack-id``
+    gives the runtime), and the rack of each new node index."""
+    nodes = sorted({i.node for i in infos})
+    order = rack_order({f"{n:08d}": f"{n // nodes_per_rack:08d}" for n in nodes})
+    position = {int(name): p for p, name in enumerate(order)}
+    return ([RankInfo(i.rank, i.stage, position[i.node], i.pipeline) for i in infos],
+            {position[n]: n // nodes_per_rack for n in nodes})
 
 
 def simulate_world(world: int, *, replication: int = 2, nodes_per_rack: int = NODES_PER_RACK,
@@ -286,6 +304,9 @@ def simulate_world(world: int, *, replication: int = 2, nodes_per_rack: int = NO
     if plan.fallback:
         raise RuntimeError(f"synthetic plan fell back at {world} ranks: {plan.reason}")
     other_node, other_rack, lost_on_rack = buddy_placement(topology, nodes_per_rack)
+    aware_infos, rack_of = rack_aware(infos, nodes_per_rack)
+    _, rack_after, lost_after = buddy_placement(Topology(aware_infos, replication),
+                                                nodes_per_rack, rack_of)
     calc = compute(preset, replication=replication)
     return ScaleRow(
         world=world, nodes=nodes, racks=-(-nodes // nodes_per_rack), layout=lay.describe(),
@@ -300,7 +321,8 @@ def simulate_world(world: int, *, replication: int = 2, nodes_per_rack: int = NO
         declare_scan_s=declare_scan_s, topology_s=topology_s, plan_s=plan_s,
         plan_transfers=len(plan.transfers), replaying=len(plan.replaying),
         buddies_other_node=other_node, buddies_other_rack=other_rack,
-        ranks_lost_on_rack_failure=lost_on_rack,
+        ranks_lost_on_rack_failure=lost_on_rack, buddies_other_rack_after=rack_after,
+        ranks_lost_on_rack_failure_after=lost_after,
         node_moetion_gb=calc.node_moetion_bytes / 1e9, node_dense_gb=calc.node_dense_bytes / 1e9)
 
 
@@ -331,8 +353,9 @@ def breaks_first(rows: Sequence[ScaleRow]) -> list[str]:
                        f"{r.topology_s:.2f} s > {PLANNER_BUDGET_S:g} s")
         if r.ranks_lost_on_rack_failure > 0:
             out.append(f"{r.world} ranks: a rack failure loses every copy of "
-                       f"{100 * r.ranks_lost_on_rack_failure:.0f}% of ranks (buddies are not "
-                       f"rack-aware)")
+                       f"{100 * r.ranks_lost_on_rack_failure:.0f}% of ranks (buddies not "
+                       f"rack-aware; {100 * r.ranks_lost_on_rack_failure_after:.0f}% with "
+                       f"--moetion-rack-id)")
     return out
 
 
@@ -367,6 +390,10 @@ def format_table(rows: Sequence[ScaleRow]) -> str:
         ("buddy copies on another rack", lambda r: f"{100 * r.buddies_other_rack:.0f}%"),
         ("ranks losing every copy in a rack failure",
          lambda r: f"{100 * r.ranks_lost_on_rack_failure:.0f}%"),
+        ("buddy copies on another rack, with --moetion-rack-id",
+         lambda r: f"{100 * r.buddies_other_rack_after:.0f}%"),
+        ("ranks losing every copy in a rack failure, with --moetion-rack-id",
+         lambda r: f"{100 * r.ranks_lost_on_rack_failure_after:.0f}%"),
         ("host memory per node, MoEtion GB", lambda r: f"{r.node_moetion_gb:.0f}"),
         ("host memory per node, dense copies GB", lambda r: f"{r.node_dense_gb:.0f}"),
     ]
@@ -526,8 +553,9 @@ left for a follow-up. (2) The declare scan (about two store round trips per rank
 adds {rows[-1].declare_scan_s:.1f} s to the detection at 16k ranks; a node-level heartbeat
 cuts it 8x too. (3) Not a scale effect but found here: buddies are the same local rank on the
 next `r` nodes, so with {NODES_PER_RACK}-node racks half of the ranks have every copy inside
-their own rack; a rack failure falls back to the persistent checkpoint. Rack-aware placement
-(the j-th buddy `j * nodes_per_rack` nodes away) needs the rack in `RankInfo`.
+their own rack; a rack failure falls back to the persistent checkpoint. Fixed:
+`--moetion-rack-id` orders the nodes round-robin over the racks (`topology.rack_order`), so
+a node's next nodes, its buddies' nodes, are in other racks (the last two rows).
 
 Host memory per node stays within a DGX H100's 2 TB (datasheet) at every size; it falls with
 DP because the distributed optimizer shards the state over (expert) DP, while the logs

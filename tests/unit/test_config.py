@@ -10,7 +10,7 @@ from megatron_moetion.errors import ConfigError, FaultPlanError
 
 EXPECTED_FLAGS = {
     "--moetion", "--moetion-window", "--moetion-replication-factor",
-    "--moetion-copy-bandwidth-gbps", "--moetion-network-bandwidth-gbps",
+    "--moetion-copy-bandwidth-gbps", "--moetion-network-bandwidth-gbps", "--moetion-rack-id",
     "--moetion-copy-interleave", "--moetion-copy-chunk-mb", "--moetion-iter-time-s", "--moetion-upstream-logging",
     "--moetion-fault-plan", "--moetion-metrics-file", "--moetion-persist-dir",
     "--moetion-oracle-dir", "--moetion-reorder-threshold", "--moetion-reorder-fraction",

@@ -10,7 +10,7 @@ from megatron_moetion.agreement import Agreement, agree_over, allreduce_max, max
 from megatron_moetion.bench import scale
 from megatron_moetion.errors import ConfigError
 from megatron_moetion.testing.dist import run_ranks
-from megatron_moetion.topology import Topology
+from megatron_moetion.topology import RankInfo, Topology
 
 
 class QueueExchange:
@@ -164,3 +164,11 @@ def test_report_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = scale.report(rows)
     assert "img/scale.png" in text and "2048 ranks" in text
+
+
+def test_rack_ids_leave_every_rank_a_copy_outside_its_rack():
+    infos = [RankInfo(r, 0, r // 2, (r,)) for r in range(32)]  # 16 nodes of 2, racks of 4
+    before = scale.buddy_placement(Topology(infos, 2), 4)
+    aware, rack_of = scale.rack_aware(infos, 4)
+    after = scale.buddy_placement(Topology(aware, 2), 4, rack_of)
+    assert before[2] > 0 and after[1] == 1.0 and after[2] == 0.0

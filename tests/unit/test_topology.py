@@ -62,3 +62,31 @@ def test_unequal_nodes_still_give_distinct_owners():
     out = assign_buddies([0, 0, 0, 1], 2)
     for j in range(2):
         assert len({b[j] for b in out}) == 4
+
+
+def test_rack_order_puts_a_nodes_next_nodes_in_other_racks():
+    from megatron_moetion.topology import rack_order
+
+    racks = {f"n{i}": f"rack{i // 4}" for i in range(12)}  # 3 racks of 4 nodes
+    order = rack_order(racks)
+    assert sorted(order) == sorted(racks)
+    for i, node in enumerate(order):  # the next two nodes ring-wise: two other racks
+        nxt = {racks[order[(i + j) % len(order)]] for j in (1, 2)}
+        assert racks[node] not in nxt and len(nxt) == 2
+    assert rack_order({"b": "", "a": ""}) == ["a", "b"]  # racks unknown: sorted, as before
+    # unequal racks: every node once, still alternating while both racks have nodes
+    assert rack_order({"a": "x", "b": "x", "c": "x", "d": "y"}) == ["a", "d", "b", "c"]
+
+
+def test_buddies_over_rack_ordered_nodes_survive_a_rack_failure():
+    from megatron_moetion.topology import rack_order
+
+    racks = {i: f"rack{i // 4}" for i in range(12)}  # node index -> rack, 3 racks of 4
+    order = rack_order({str(n).zfill(2): r for n, r in racks.items()})
+    position = {int(n): i for i, n in enumerate(order)}
+    infos = [RankInfo(r, 0, position[r // 2], (r,)) for r in range(24)]  # 2 ranks per node
+    topo = Topology(infos, 2)
+    node_of = {p: n for n, p in position.items()}
+    for r in range(24):
+        own = racks[node_of[topo.infos[r].node]]
+        assert all(racks[node_of[topo.infos[b].node]] != own for b in topo.buddies(r))
