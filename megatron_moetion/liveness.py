@@ -15,8 +15,9 @@ Declaring: one scan of every heartbeat names all ranks silent for longer than th
 wall time, for the report only), the declaring rank wins a compare-and-set on ``claim`` (so
 exactly one rank acts for the job: ``on_declare``, e.g. fencing and recording the fallback),
 then publishes the verdict. A store that stops answering for longer than the timeout is
-itself a verdict (its host died). Load on the store: per interval, one write and four reads per
-rank (counted by ``bench/scale.py``). Before exiting, each survivor acknowledges the verdict and
+itself a verdict (its host died). Load on the store: per interval, one write and two reads per
+rank (the verdict, the watched peer's heartbeat; its ``done`` mark only when the heartbeat did
+not change; counted by ``bench/scale.py``). Before exiting, each survivor acknowledges the verdict and
 waits briefly for the others' acknowledgements, so that
 all of them have reported before the launcher tears the job down.
 
@@ -40,6 +41,18 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 PREFIX = "moetion/liveness"
+OPS_PER_TICK = 3  # steady state: write the heartbeat, read the verdict, read the peer's
+# Heartbeat round trips per second the job's one store should carry at most: 40% of the 50k
+# ops/s a libuv TCPStore served on 2 cores (docs/scale.md; the rest for the launcher).
+STORE_BUDGET_OPS_S = 20_000.0
+
+
+def scaled_interval(interval_s: float, world_size: int,
+                    budget_ops_s: float = STORE_BUDGET_OPS_S) -> float:
+    """The heartbeat interval for ``world_size`` ranks: ``interval_s``, or longer where every
+    rank beating at it would offer the store more than ``budget_ops_s`` (1 s up to 6.7k ranks,
+    2.5 s at 16k: detection is then a few seconds later, the store stays responsive)."""
+    return max(interval_s, world_size * OPS_PER_TICK / budget_ops_s)
 
 
 @dataclass
@@ -106,7 +119,9 @@ class Liveness:
         self.handled = threading.Event()  # on_failure returned (it normally exits instead)
         self._seq = 0
         self._dead: set[int] = set()
+        self._finished: set[int] = set()
         self._watched: int | None = None
+        self._seen = False  # the watched peer's heartbeat key exists
         self._last_value: str | None = None
         self._last_change = clock()
         self._store_failing_since: float | None = None
@@ -199,27 +214,37 @@ class Liveness:
              "wall": self.wall(), "host": self._host, "pid": self._pid}))
         if self.store.check([self._key("failure")]):
             return Verdict.from_json(_decode(self.store.get(self._key("failure"))))
-        peer = self._peer()
-        if peer is None:
-            return None
-        if peer != self._watched:
+        peer = self._watched
+        if peer is None or peer in self._dead or peer in self._finished:
+            peer = self._peer()
+            if peer is None:
+                return None
             self._watched, self._last_value, self._last_change = peer, None, self.clock()
+            self._seen = False
         key = self._key("hb", peer)
-        value = _decode(self.store.get(key)) if self.store.check([key]) else None
+        if not self._seen:  # until its first heartbeat: a get would block on a missing key
+            self._seen = self.store.check([key])
+        value = _decode(self.store.get(key)) if self._seen else None
         now = self.clock()
         if value != self._last_value:
             self._last_value, self._last_change = value, now
             return None
+        # unchanged since the last tick: finished, late or dead (only now is "done" read)
+        if self.store.check([self._key("done", peer)]):
+            self._finished.add(peer)
+            self._watched = None
+            return None
         if now - self._last_change <= self.timeout_s:
             return None
-        if self.store.check([self._key("done", peer)]):
-            return None  # it finished between our reads
         return self._declare(peer, now - self._last_change)
 
     def _peer(self) -> int | None:
         for step in range(1, self.world_size):
             r = (self.rank + step) % self.world_size
-            if r in self._dead or self.store.check([self._key("done", r)]):
+            if r in self._dead or r in self._finished:
+                continue
+            if self.store.check([self._key("done", r)]):
+                self._finished.add(r)
                 continue
             return r
         return None

@@ -27,7 +27,13 @@ import time
 import torch.distributed as dist
 
 from megatron_moetion.adapter.failure_policy import Outcome
-from megatron_moetion.liveness import Liveness, Verdict, wait_for_verdict_on_collective_errors
+from megatron_moetion.liveness import (
+    STORE_BUDGET_OPS_S,
+    Liveness,
+    Verdict,
+    scaled_interval,
+    wait_for_verdict_on_collective_errors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +51,20 @@ class FailureDetector:
     def __init__(self, cfg, rank: int, world_size: int, policy, iteration):
         self.cfg, self.rank, self.policy, self.iteration = cfg, rank, policy, iteration
         store = dist.distributed_c10d._get_default_store()
-        self.liveness = Liveness(store, rank, world_size, cfg.heartbeat_interval_s,
-                                 cfg.detect_timeout_s, self._on_failure, self._on_declare)
+        interval = scaled_interval(cfg.heartbeat_interval_s, world_size)
+        if interval > cfg.heartbeat_interval_s and rank == 0:
+            logger.warning("[moetion] heartbeat interval %.2f s instead of %.2f s: %d ranks "
+                           "would offer the rendezvous store more than %.0f ops/s", interval,
+                           cfg.heartbeat_interval_s, world_size, STORE_BUDGET_OPS_S)
+        self.interval_s = interval
+        self.liveness = Liveness(store, rank, world_size, interval,
+                                 max(cfg.detect_timeout_s, 2 * interval), self._on_failure,
+                                 self._on_declare)
 
     def start(self) -> None:
         self.liveness.start()
         wait_for_verdict_on_collective_errors(
-            self.liveness, self.cfg.detect_timeout_s + 2 * self.cfg.heartbeat_interval_s)
+            self.liveness, self.liveness.timeout_s + 2 * self.interval_s)
 
     def progress(self, iteration: int, phase: str) -> None:
         self.liveness.progress(iteration, phase)

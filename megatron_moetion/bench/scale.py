@@ -35,7 +35,7 @@ from megatron_moetion.agreement import HEAD, max_rounds
 from megatron_moetion.bench.calculator import compute, estimate_fwd_bwd_s
 from megatron_moetion.bench.presets import DEEPSEEK_V3, Preset, check_field
 from megatron_moetion.config import MoEtionConfig
-from megatron_moetion.liveness import Liveness
+from megatron_moetion.liveness import STORE_BUDGET_OPS_S, Liveness, scaled_interval
 from megatron_moetion.recovery_plan import Holdings, plan_recovery
 from megatron_moetion.topology import RankInfo, Topology, rack_order
 
@@ -48,6 +48,7 @@ INT64 = 8
 # as the server: 54k ops/s; 1 process x 4 threads: 48k), rounded down. A dedicated core may do
 # about twice; ``--measure-store`` re-measures on the machine it runs on.
 STORE_CAPACITY_OPS_S = 50_000.0
+BEFORE_OPS_PER_TICK = 5  # Liveness.tick before the fix: one write, four reads (counted)
 STORE_SAFE_UTILISATION = 0.5  # assumed: queueing delay doubles at 50% load (M/M/1)
 STORE_OP_S = 100e-6  # assumed: one store round trip over the network (38 us measured loopback)
 AGREEMENT_BUDGET = 0.01  # assumed: the agreement may cost at most 1% of an iteration
@@ -69,12 +70,15 @@ class ScaleRow:
     agree_s_before: float
     agree_s_after: float
     agree_s_after_failure: float
-    store_ops_per_tick: float
-    heartbeat_interval_s: float
+    store_ops_per_tick: float  # after: counted on the real Liveness.tick
+    heartbeat_interval_s: float  # after: liveness.scaled_interval
     store_ops_s: float
     store_utilisation: float
     detection_s: float
     declare_scan_s: float
+    store_ops_s_before: float  # BEFORE_OPS_PER_TICK at the configured interval
+    store_utilisation_before: float
+    detection_s_before: float
     topology_s: float
     plan_s: float
     plan_transfers: int
@@ -168,8 +172,9 @@ def liveness_ops_per_tick(world: int = 4, ticks: int = 5) -> float:
     """Store round trips per rank per heartbeat in steady state, counted on the real code."""
     store = CountingStore()
     ranks = [Liveness(store, r, world, 1.0, 30.0, lambda v: None) for r in range(world)]
-    for lv in ranks:  # first tick: set-up reads (peer search) are not steady state
-        lv.tick()
+    for _ in range(2):  # set-up ticks: peer search, first sight of each heartbeat key
+        for lv in ranks:
+            lv.tick()
     store.ops = 0
     for _ in range(ticks):
         for lv in ranks:
@@ -287,12 +292,14 @@ def simulate_world(world: int, *, replication: int = 2, nodes_per_rack: int = NO
     failure_bytes = after_bytes + world * INT64
 
     ops = liveness_ops_per_tick() if ops_per_tick is None else ops_per_tick
-    interval = cfg.heartbeat_interval_s
+    interval = scaled_interval(cfg.heartbeat_interval_s, world)
     store_ops_s = world * ops / interval
+    before_ops_s = world * BEFORE_OPS_PER_TICK / cfg.heartbeat_interval_s
     # the watcher notices on its next tick after the timeout, scans every heartbeat (about two
     # round trips per rank, one after another), publishes; every rank reads it on its next tick
     declare_scan_s = 2 * world * STORE_OP_S
     detection_s = cfg.detect_timeout_s + interval + declare_scan_s + interval
+    detection_before = cfg.detect_timeout_s + 2 * cfg.heartbeat_interval_s + declare_scan_s
 
     infos = rank_table(preset)
     topology_s, topology = _median_time(
@@ -318,6 +325,9 @@ def simulate_world(world: int, *, replication: int = 2, nodes_per_rack: int = NO
                                + doubling_allreduce_s(world, world * INT64)),
         store_ops_per_tick=ops, heartbeat_interval_s=interval, store_ops_s=store_ops_s,
         store_utilisation=store_ops_s / store_capacity_ops_s, detection_s=detection_s,
+        store_ops_s_before=before_ops_s,
+        store_utilisation_before=before_ops_s / store_capacity_ops_s,
+        detection_s_before=detection_before,
         declare_scan_s=declare_scan_s, topology_s=topology_s, plan_s=plan_s,
         plan_transfers=len(plan.transfers), replaying=len(plan.replaying),
         buddies_other_node=other_node, buddies_other_rack=other_rack,
@@ -345,9 +355,11 @@ def breaks_first(rows: Sequence[ScaleRow]) -> list[str]:
         if r.agree_share_before > AGREEMENT_BUDGET:
             out.append(f"{r.world} ranks: agreement (ring) {100 * r.agree_share_before:.1f}% "
                        f"of the iteration > {100 * AGREEMENT_BUDGET:.0f}%")
-        if r.store_utilisation > STORE_SAFE_UTILISATION:
-            out.append(f"{r.world} ranks: heartbeat store load {100 * r.store_utilisation:.0f}% "
-                       f"of capacity > {100 * STORE_SAFE_UTILISATION:.0f}%")
+        if r.store_utilisation_before > STORE_SAFE_UTILISATION:
+            out.append(f"{r.world} ranks: heartbeat store load "
+                       f"{100 * r.store_utilisation_before:.0f}% of capacity > "
+                       f"{100 * STORE_SAFE_UTILISATION:.0f}% "
+                       f"({100 * r.store_utilisation:.0f}% after)")
         if r.plan_s > PLANNER_BUDGET_S or r.topology_s > PLANNER_BUDGET_S:
             out.append(f"{r.world} ranks: planning {r.plan_s:.2f} s / topology "
                        f"{r.topology_s:.2f} s > {PLANNER_BUDGET_S:g} s")
@@ -376,13 +388,17 @@ def format_table(rows: Sequence[ScaleRow]) -> str:
          lambda r: ms(r.agree_s_after_failure)),
         ("agreement % of iteration, before", lambda r: f"{100 * r.agree_share_before:.2f}"),
         ("agreement % of iteration, after", lambda r: f"{100 * r.agree_share_after:.4f}"),
-        ("store ops per rank per heartbeat (counted)", lambda r: f"{r.store_ops_per_tick:g}"),
-        ("store ops/s (interval "
-         f"{rows[0].heartbeat_interval_s:g} s)" if rows else "store ops/s",
-         lambda r: f"{r.store_ops_s:,.0f}"),
-        ("store load, % of capacity", lambda r: f"{100 * r.store_utilisation:.0f}"),
+        ("store ops per rank per heartbeat, before / after (counted)",
+         lambda r: f"{BEFORE_OPS_PER_TICK:g} / {r.store_ops_per_tick:g}"),
+        ("heartbeat interval s, after (scaled_interval)",
+         lambda r: f"{r.heartbeat_interval_s:.2f}"),
+        ("store ops/s, before / after",
+         lambda r: f"{r.store_ops_s_before:,.0f} / {r.store_ops_s:,.0f}"),
+        ("store load, % of capacity, before / after",
+         lambda r: f"{100 * r.store_utilisation_before:.0f} / {100 * r.store_utilisation:.0f}"),
         ("declare scan s", lambda r: f"{r.declare_scan_s:.2f}"),
-        ("detection s (timeout + 2 intervals + scan)", lambda r: f"{r.detection_s:.1f}"),
+        ("detection s (timeout + 2 intervals + scan), before / after",
+         lambda r: f"{r.detection_s_before:.1f} / {r.detection_s:.1f}"),
         ("topology + owners s (measured)", lambda r: f"{r.topology_s:.3f}"),
         ("plan_recovery s (measured, one node failed)", lambda r: f"{r.plan_s:.3f}"),
         ("replaying ranks / transfers", lambda r: f"{r.replaying} / {r.plan_transfers}"),
@@ -429,7 +445,10 @@ def plot_scale(rows: Sequence[ScaleRow], path: str | Path) -> Path:
     ax.legend(fontsize=7)
 
     ax = axes[0][1]
-    ax.plot(x, [r.store_ops_s for r in rows], "o-", color="tab:blue", label="heartbeat ops/s")
+    ax.plot(x, [r.store_ops_s_before for r in rows], "o--", color="tab:blue",
+            label="heartbeat ops/s, before")
+    ax.plot(x, [r.store_ops_s for r in rows], "o-", color="tab:green",
+            label="after (3 ops, scaled interval)")
     ax.axhline(STORE_CAPACITY_OPS_S, color="tab:red", ls="--",
                label=f"store capacity (measured, {STORE_CAPACITY_OPS_S:,.0f} ops/s)")
     ax.axhline(STORE_SAFE_UTILISATION * STORE_CAPACITY_OPS_S, color="gray", ls=":",
@@ -540,18 +559,21 @@ and `Topology.owners` the world per call; `plan_recovery` tested membership in t
 Before (measured, topology + owners / plan, 1k, 4k, 16k ranks): {before}. After: the table
 (one pass, sets; same outputs, the existing unit tests unchanged).
 
-**Next to break, not changed here.** (1) The heartbeat store: every rank does
-{rows[0].store_ops_per_tick:g} round trips per heartbeat (counted on the real `Liveness.tick`:
-one write, four reads; the docstring said three) on the one rendezvous TCPStore, so 16k ranks
-offer {rows[-1].store_ops_s:,.0f} ops/s, {100 * rows[-1].store_utilisation:.0f}% of what a
-libuv TCPStore served here. Clients wait for replies, so the store does not fall over: every
-tick, and every other user of the rendezvous store (the launcher), slows to the store's pace.
-The fix is heartbeats by node: one rank per node beats into the job store for its node and
-watches its local ranks through a node-local store (`/dev/shm` FileStore), which cuts the
-load 8x; it needs the adapter (`adapter/failure_detection.py`) to create that store, so it is
-left for a follow-up. (2) The declare scan (about two store round trips per rank, serial)
-adds {rows[-1].declare_scan_s:.1f} s to the detection at 16k ranks; a node-level heartbeat
-cuts it 8x too. (3) Not a scale effect but found here: buddies are the same local rank on the
+**Second: the heartbeat store.** Every rank did {BEFORE_OPS_PER_TICK} round trips per heartbeat
+(one write, four reads; the docstring said three) on the one rendezvous TCPStore, so 16k ranks
+offered {rows[-1].store_ops_s_before:,.0f} ops/s, {100 * rows[-1].store_utilisation_before:.0f}%
+of what a libuv TCPStore served here. Clients wait for replies, so the store does not fall over:
+every tick, and every other user of the rendezvous store (the launcher), slows to the store's
+pace. Fixed in two steps (`liveness.py`): a tick now does {rows[0].store_ops_per_tick:g} round
+trips (the watched peer's `done` mark is read only when its heartbeat did not change, and its
+key's existence only until its first heartbeat), and `scaled_interval` lengthens the interval
+where the world would offer the store more than {STORE_BUDGET_OPS_S:,.0f} ops/s
+({rows[-1].heartbeat_interval_s:.2f} s at {rows[-1].world} ranks): {100 * rows[-1].store_utilisation:.0f}%
+of capacity, detection {rows[-1].detection_s:.1f} s instead of {rows[-1].detection_s_before:.1f} s.
+Heartbeats by node (one rank per node beating for its local ranks through a node-local store)
+would cut the load 8x without the later detection; not built. The declare scan (about two
+store round trips per rank, serial) adds {rows[-1].declare_scan_s:.1f} s to the detection at
+16k ranks; a node-level heartbeat would cuts it 8x too. (3) Not a scale effect but found here: buddies are the same local rank on the
 next `r` nodes, so with {NODES_PER_RACK}-node racks half of the ranks have every copy inside
 their own rack; a rack failure falls back to the persistent checkpoint. Fixed:
 `--moetion-rack-id` orders the nodes round-robin over the racks (`topology.rack_order`), so
@@ -572,7 +594,7 @@ DP because the distributed optimizer shards the state over (expert) DP, while th
   16 client threads in 2 processes sharing 2 CPUs with the server: 54k ops/s; 1 x 4 threads:
   48k), rounded down; `--measure-store` re-measures. Budget: {100 * STORE_SAFE_UTILISATION:.0f}%
   of it (assumed: queueing delay doubles at 50% load).
-- Heartbeat interval {rows[0].heartbeat_interval_s:g} s and detect timeout from
+- Heartbeat interval 1 s (before; after: `liveness.scaled_interval`) and detect timeout from
   `MoEtionConfig` defaults; detection = timeout + one interval to notice + the declare scan
   ({1e6 * STORE_OP_S:g} us per store round trip, assumed; 38 us measured on loopback) + one
   interval for every rank to read the verdict.

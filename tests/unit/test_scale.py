@@ -113,7 +113,7 @@ def test_models():
 
 
 def test_liveness_ops_are_counted_on_the_real_code():
-    assert scale.liveness_ops_per_tick() == 5  # set hb; check failure, done, hb; get hb
+    assert scale.liveness_ops_per_tick() == 3  # set hb; check failure; get the peer's hb
 
 
 def test_rank_table_and_buddies_on_a_small_world():
@@ -147,6 +147,7 @@ def test_simulate_world_small():
     assert row.agree_bytes_before == 1027 * 8 and row.agree_bytes_after == 32
     assert row.agree_s_after < row.agree_s_before
     assert row.store_ops_s == 1024 * 5 / row.heartbeat_interval_s
+    assert row.store_ops_s_before == 1024 * scale.BEFORE_OPS_PER_TICK / 1.0
     assert row.replaying == 64  # one node = 8 DP ranks of one stage: that stage replays
     assert row.detection_s > 30 and row.plan_transfers > 0
     text = scale.format_table([row])
@@ -172,3 +173,14 @@ def test_rack_ids_leave_every_rank_a_copy_outside_its_rack():
     aware, rack_of = scale.rack_aware(infos, 4)
     after = scale.buddy_placement(Topology(aware, 2), 4, rack_of)
     assert before[2] > 0 and after[1] == 1.0 and after[2] == 0.0
+
+
+def test_the_heartbeat_interval_scales_so_the_store_stays_within_its_budget():
+    from megatron_moetion.liveness import OPS_PER_TICK, STORE_BUDGET_OPS_S, scaled_interval
+
+    assert scaled_interval(1.0, 1024) == 1.0
+    big = scaled_interval(1.0, 16384)
+    assert big > 1.0 and 16384 * OPS_PER_TICK / big == pytest.approx(STORE_BUDGET_OPS_S)
+    row = scale.simulate_world(16384, repeats=1)
+    assert row.store_utilisation <= 0.5 < row.store_utilisation_before
+    assert row.detection_s > row.detection_s_before  # the price: a later detection
