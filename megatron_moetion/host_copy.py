@@ -68,6 +68,7 @@ class SideStreamCopies:
     def __init__(self, device: torch.device, stream=None):
         self.device = torch.device(device)
         self.stream = stream or torch.cuda.Stream(device=self.device)
+        self.timing = CopyTiming()
 
     def launch(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
                keep_alive: Sequence[torch.Tensor] = ()):
@@ -78,13 +79,17 @@ class SideStreamCopies:
         ready.record(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
+            start = torch.cuda.Event(enable_timing=True)  # once the side stream gets here
+            start.record(self.stream)
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
             for t in keep_alive:
                 if t.is_cuda:
                     t.record_stream(self.stream)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(enable_timing=True)
             done.record(self.stream)
+        self.timing.launched(sum(dst.numel() * dst.element_size() for dst, _ in pairs),
+                             (start, done))
         return done
 
     def order_before_current(self, handle) -> None:
@@ -94,6 +99,35 @@ class SideStreamCopies:
     def synchronize(self, handle) -> None:
         """Block the host until the copies (and every copy launched before them) are done."""
         handle.synchronize()
+
+    def totals(self) -> tuple[int, float]:
+        """Bytes and seconds of the copies known to have landed, timed on the side stream
+        (the achieved device-to-host bandwidth is their ratio)."""
+        return self.timing.totals(lambda ev: ev[1].query(),
+                                  lambda ev: ev[0].elapsed_time(ev[1]) / 1e3)
+
+
+class CopyTiming:
+    """Bytes and device seconds of an asynchronous copier's launches, summed as they land."""
+
+    def __init__(self):
+        self._open: list[tuple[int, object]] = []
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.seconds = 0.0
+
+    def launched(self, nbytes: int, clock) -> None:
+        with self._lock:
+            self._open.append((nbytes, clock))
+
+    def totals(self, landed, seconds) -> tuple[int, float]:
+        """Fold in the launches that ``landed(clock)``, in launch order; return the sums."""
+        with self._lock:
+            while self._open and landed(self._open[0][1]):
+                nbytes, clock = self._open.pop(0)
+                self.bytes += nbytes
+                self.seconds += seconds(clock)
+            return self.bytes, self.seconds
 
 
 DEFERRED_COPIES_ENV = "MOETION_DEFERRED_COPIES"
@@ -115,6 +149,7 @@ class DeferredCopies:
         self.syncs = 0
         self.kept_alive: list[torch.Tensor] = []
         self.launch_log: list[int] = []
+        self.timing = CopyTiming()
 
     def launch(self, pairs, keep_alive=()):
         self.launched += 1
@@ -126,8 +161,15 @@ class DeferredCopies:
     def _run_through(self, handle):
         while self.queue and self.queue[0][0] <= handle:
             _, pairs = self.queue.pop(0)
+            start = time.perf_counter()
             for dst, src in pairs:
                 dst.copy_(src)
+            self.timing.launched(sum(d.numel() * d.element_size() for d, _ in pairs),
+                                 time.perf_counter() - start)
+
+    def totals(self) -> tuple[int, float]:
+        """As ``SideStreamCopies.totals``: the copies run so far, timed on the host."""
+        return self.timing.totals(lambda _: True, lambda seconds: seconds)
 
     def order_before_current(self, handle):
         self._run_through(handle)

@@ -246,6 +246,7 @@ class SnapshotEngine:
         self._pending = None  # copier handle of the last capture not known to be done
         self.chunks: ChunkedCopies | None = None
         self.last_copy_s = 0.0
+        self._sync_totals = (0, 0.0)  # bytes and seconds of synchronous copies (no copier)
 
     def interleave(self, chunk_bytes: int = 0) -> ChunkedCopies | None:
         """Issue each capture's copies in chunks at quiet points (``copy_schedule``); only
@@ -302,7 +303,19 @@ class SnapshotEngine:
                     self._pending = self.copier.launch(pairs, keep_alive=staged)
         window.slot_meta[slot] = dict(meta)
         self.last_copy_s = time.perf_counter() - start
+        if self.copier is None:
+            done, seconds = self._sync_totals
+            self._sync_totals = (done + nbytes, seconds + self.last_copy_s)
         return nbytes
+
+    def copy_totals(self) -> tuple[int, float] | None:
+        """Bytes and seconds of every snapshot copy that has landed so far (timed on the
+        copier's stream where copies are asynchronous); None for a copier that keeps no
+        times."""
+        if self.copier is None:
+            return self._sync_totals
+        totals = getattr(self.copier, "totals", None)
+        return totals() if totals is not None else None
 
     def wait_for_copies(self) -> float:
         """Make the training stream wait for the last capture (GPU); return host seconds."""

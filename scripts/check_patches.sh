@@ -48,8 +48,10 @@ PYTHONPATH="$out:$here${PYTHONPATH:+:$PYTHONPATH}" "$python" - "$out" <<'EOF'
 import ast, sys
 out = sys.argv[1]
 import torch
-if not torch.cuda.is_available():
-    from megatron_moetion.testing import cpu_support
+from megatron_moetion.testing import cpu_support
+if torch.cuda.is_available():
+    cpu_support.install_portable()
+else:
     cpu_support.install()
 import megatron.training.arguments as arguments
 import megatron.training.training as training

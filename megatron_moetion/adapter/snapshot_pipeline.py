@@ -221,7 +221,9 @@ class SnapshotPipeline:
     def metrics(self) -> dict:
         rounds = self.replicator.history
         times = self.schedule.fwd_bwd_times
+        copied = self.engine.copy_totals() or (None, None)
         return dict(
+            copy_bytes_landed=copied[0], copy_seconds_landed=copied[1],
             fwd_bwd_ms=times[-1] * 1e3 if times else None,
             window_size=self.schedule.schedule.window if self.schedule.schedule else None,
             **self.schedule.window_metrics(),

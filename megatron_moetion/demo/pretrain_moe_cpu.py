@@ -1,8 +1,10 @@
-"""torchrun entry point: Megatron's own ``pretrain()`` on CPU, with gloo, for a tiny MoE GPT.
+"""torchrun entry point: Megatron's own ``pretrain()`` for an MoE GPT, on CPU with gloo or on GPU.
 
 Megatron's ``pretrain_gpt.py`` is not in the megatron-core wheel, so this is the small
-equivalent the CPU demo and tests run: MCore ``GPTModel`` with the local layer spec, mock data,
-every Megatron flag passed through. It must run against the *patched* Megatron tree
+equivalent the CPU demo, the tests and the GPU check (``bench.gpu_check``) run: MCore
+``GPTModel`` with the local layer spec, mock data, every Megatron flag passed through. The CPU
+support (``testing.cpu_support``) is installed only where there is no CUDA; on a GPU only the
+wheel's own workarounds are (``cpu_support.install_portable``). It must run against the *patched* Megatron tree
 (``build/megatron-patched`` first on ``PYTHONPATH``; ``python -m megatron_moetion.demo`` sets
 that up)::
 
@@ -29,7 +31,10 @@ torch.set_num_threads(1)
 
 from megatron_moetion.testing import cpu_support  # noqa: E402
 
-cpu_support.install()
+if torch.cuda.is_available():
+    cpu_support.install_portable()
+else:
+    cpu_support.install()
 
 from functools import partial  # noqa: E402
 

@@ -71,6 +71,11 @@ class RunConfig:
     # a patched Megatron-LM checkout's pretrain_gpt.py to run instead of the CPU driver
     # (testing.cpu_entry); its checkout goes first on the path
     entry: str = ""
+    # "cpu": gloo, CPU initialization; "cuda": NCCL, parameters initialized on the GPU
+    device: str = "cpu"
+    vocab_size: int = 128
+    deterministic: bool = True  # --deterministic-mode
+    oracle: bool = True  # dump losses and state for the bitwise oracle (out_dir/oracle)
     extra_flags: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -87,6 +92,8 @@ class RunConfig:
 
 def megatron_flags(cfg: RunConfig, out_dir: Path) -> list[str]:
     """Megatron command-line flags for ``cfg``; outputs go under ``out_dir``."""
+    if cfg.device not in ("cpu", "cuda"):
+        raise ValueError(f"RunConfig.device must be cpu or cuda; got {cfg.device!r}")
     flags = [
         "--num-layers", cfg.num_layers, "--hidden-size", cfg.hidden_size,
         "--ffn-hidden-size", cfg.ffn_hidden_size, "--num-attention-heads",
@@ -101,20 +108,26 @@ def megatron_flags(cfg: RunConfig, out_dir: Path) -> list[str]:
         "--num-experts", cfg.num_experts, "--moe-router-topk", cfg.topk,
         "--moe-token-dispatcher-type", "alltoall",
         "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", 1e-2,
-        "--distributed-backend", "gloo", "--untie-embeddings-and-output-weights",
-        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", 128,
+        "--distributed-backend", "gloo" if cfg.device == "cpu" else "nccl",
+        "--untie-embeddings-and-output-weights",
+        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", cfg.vocab_size,
         # data in the main process: a data-loader worker forked from a rank that already runs
         # gloo threads can deadlock in fork (seen once in ~50 runs, stuck in os.fork)
         "--num-workers", 0,
         "--transformer-impl", "local", "--no-gradient-accumulation-fusion",
         "--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
-        "--no-rope-fusion", "--no-persist-layer-norm", "--use-cpu-initialization",
-        "--deterministic-mode", "--disable-bias-linear", "--position-embedding-type", "rope",
+        "--no-rope-fusion", "--no-persist-layer-norm",
+        "--disable-bias-linear", "--position-embedding-type", "rope",
         "--normalization", "LayerNorm", "--hidden-dropout", cfg.hidden_dropout,
         "--attention-dropout", cfg.attention_dropout, "--log-interval", 1, "--eval-iters", 0,
         "--eval-interval", 100000, "--seed", cfg.seed,
-        "--moetion-oracle-dir", out_dir / "oracle",
     ]
+    if cfg.oracle:
+        flags += ["--moetion-oracle-dir", out_dir / "oracle"]
+    if cfg.device == "cpu":
+        flags.append("--use-cpu-initialization")
+    if cfg.deterministic:
+        flags.append("--deterministic-mode")
     if cfg.tp > 1:
         flags += ["--tensor-model-parallel-size", cfg.tp, "--sequence-parallel",
                   "--expert-tensor-parallel-size", cfg.etp]

@@ -375,6 +375,21 @@ _TRAINING = (
 )
 
 
+def install_portable() -> list[str]:
+    """The workarounds the megatron-core wheel needs on any machine, GPU included (what a GPU
+    run of the CPU driver installs instead of ``install``): nvrx_version and paged_stash (each
+    a no-op where its package is as Megatron expects), typing_override (a no-op on Python
+    3.12) and compile_helpers (the wheel ships no Makefile). Return the names applied."""
+    for name, patch in (("nvrx_version", _hide_old_nvrx_async_ckpt),
+                        ("paged_stash", _stub_paged_stash),
+                        ("typing_override", _patch_typing_override),
+                        ("compile_helpers", _patch_compile_helpers)):
+        if name not in applied and _enabled(name):
+            patch()
+            applied.append(name)
+    return list(applied)
+
+
 def install(*, training: bool = True, force: bool = False) -> list[str]:
     """Apply every enabled workaround once; return the names applied.
 

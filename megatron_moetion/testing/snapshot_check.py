@@ -105,7 +105,7 @@ def check_run(persist_dir: str | Path, debug_dir: str | Path) -> CheckReport:
             key = (rank, iteration)
             if key not in live_cache:
                 live_path = Path(debug_dir) / "live" / f"rank{rank}.iter{iteration}.pt"
-                live_cache[key] = torch.load(live_path, weights_only=True)
+                live_cache[key] = torch.load(live_path, weights_only=True, map_location="cpu")
             live = live_cache[key]
             index = _live_index(live)
             for spec in specs:
