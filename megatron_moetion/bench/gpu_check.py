@@ -129,6 +129,8 @@ class Check:
 
         sizes = (8, 64) if self.cpu else (256, 1024)
         rows = copy_bandwidth(torch.device(self.device), sizes_mb=sizes)
+        if not self.cpu:
+            torch.cuda.empty_cache()  # the training runs that follow get the whole device
         pinned = [r["gb_per_s"] for r in rows if r["pinned"] or self.cpu]
         return {"copy_gbps": max(pinned), "by_size": rows}
 
