@@ -58,6 +58,7 @@ def test_reading_ahead_logs_first_serves_in_order_and_refuses_more():
     assert "--pipeline-model-parallel-size 1" in out["extra"] and "asked for more" in out["extra"]
 
 
+@pytest.mark.extended  # as TP2's (make test keeps its time; the recoveries below stay)
 def test_pp1_reading_ahead_changes_nothing(run_cache):
     result = compare_dumps(run_cache.get(PP1.replace(moetion=False)) / "oracle",
                            run_cache.get(PP1) / "oracle")
