@@ -47,12 +47,8 @@ echo "byte-compiled: ${touched//$'\n'/ }"
 PYTHONPATH="$out:$here${PYTHONPATH:+:$PYTHONPATH}" "$python" - "$out" <<'EOF'
 import ast, sys
 out = sys.argv[1]
-import torch
 from megatron_moetion.testing import cpu_support
-if torch.cuda.is_available():
-    cpu_support.install_portable()
-else:
-    cpu_support.install()
+cpu_support.install_for_this_machine()
 import megatron.training.arguments as arguments
 import megatron.training.training as training
 for mod in (arguments, training):

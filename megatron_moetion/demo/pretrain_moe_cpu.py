@@ -4,9 +4,9 @@ Megatron's ``pretrain_gpt.py`` is not in the megatron-core wheel, so this is the
 equivalent the CPU demo, the tests and the GPU check (``bench.gpu_check``) run: MCore
 ``GPTModel`` with the local layer spec, mock data, every Megatron flag passed through. The CPU
 support (``testing.cpu_support``) is installed only where there is no CUDA; on a GPU only the
-wheel's own workarounds are (``cpu_support.install_portable``). It must run against the *patched* Megatron tree
-(``build/megatron-patched`` first on ``PYTHONPATH``; ``python -m megatron_moetion.demo`` sets
-that up)::
+wheel's own workarounds are (``cpu_support.install_for_this_machine``). It must run against
+the *patched* Megatron tree (``build/megatron-patched`` first on ``PYTHONPATH``;
+``python -m megatron_moetion.demo`` sets that up)::
 
     torchrun --nproc-per-node 4 -m megatron_moetion.demo.pretrain_moe_cpu <megatron flags>
 
@@ -31,10 +31,7 @@ torch.set_num_threads(1)
 
 from megatron_moetion.testing import cpu_support  # noqa: E402
 
-if torch.cuda.is_available():
-    cpu_support.install_portable()
-else:
-    cpu_support.install()
+cpu_support.install_for_this_machine()
 
 from functools import partial  # noqa: E402
 

@@ -380,14 +380,24 @@ def install_portable() -> list[str]:
     run of the CPU driver installs instead of ``install``): nvrx_version and paged_stash (each
     a no-op where its package is as Megatron expects), typing_override (a no-op on Python
     3.12) and compile_helpers (the wheel ships no Makefile). Return the names applied."""
-    for name, patch in (("nvrx_version", _hide_old_nvrx_async_ckpt),
-                        ("paged_stash", _stub_paged_stash),
-                        ("typing_override", _patch_typing_override),
-                        ("compile_helpers", _patch_compile_helpers)):
+    _apply((("nvrx_version", _hide_old_nvrx_async_ckpt), ("paged_stash", _stub_paged_stash),
+            ("typing_override", _patch_typing_override),
+            ("compile_helpers", _patch_compile_helpers)))
+    return list(applied)
+
+
+def install_for_this_machine() -> list[str]:
+    """What a Megatron driver calls first: ``install`` where there is no CUDA,
+    ``install_portable`` where there is."""
+    return install_portable() if torch.cuda.is_available() else install()
+
+
+def _apply(steps) -> None:
+    """Run each enabled ``(name, patch)`` not applied yet, once."""
+    for name, patch in steps:
         if name not in applied and _enabled(name):
             patch()
             applied.append(name)
-    return list(applied)
 
 
 def install(*, training: bool = True, force: bool = False) -> list[str]:
@@ -407,24 +417,14 @@ def install(*, training: bool = True, force: bool = False) -> list[str]:
             "must not be used on a machine with CUDA; it is only for CPU demos and tests."
         )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if "nvrx_version" not in applied and _enabled("nvrx_version"):
-        _hide_old_nvrx_async_ckpt()
-        applied.append("nvrx_version")
-    if "paged_stash" not in applied and _enabled("paged_stash"):
-        _stub_paged_stash()
-        applied.append("paged_stash")
+    _apply((("nvrx_version", _hide_old_nvrx_async_ckpt), ("paged_stash", _stub_paged_stash)))
     import megatron.core  # noqa: F401  (needs the stub above)
 
     steps = list(_CORE)
     if training:
-        if "typing_override" not in applied and _enabled("typing_override"):
-            _patch_typing_override()
-            applied.append("typing_override")
+        _apply((("typing_override", _patch_typing_override),))
         steps += list(_TRAINING)
-    for name, patch in steps:
-        if name not in applied and _enabled(name):
-            patch()
-            applied.append(name)
+    _apply(steps)
     if _mode is None and _enabled("device_mode"):
         _mode = CudaToCpuMode()
         _mode.__enter__()
