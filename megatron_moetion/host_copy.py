@@ -120,8 +120,9 @@ class CopyTiming:
         with self._lock:
             self._open.append((nbytes, clock))
 
-    def totals(self, landed, seconds) -> tuple[int, float]:
-        """Fold in the launches that ``landed(clock)``, in launch order; return the sums."""
+    def totals(self, landed=lambda _: True, seconds=lambda clock: clock) -> tuple[int, float]:
+        """Fold in the launches that ``landed(clock)``, in launch order; return the sums. The
+        defaults are for copies timed on the host: landed, their clock their seconds."""
         with self._lock:
             while self._open and landed(self._open[0][1]):
                 nbytes, clock = self._open.pop(0)
@@ -169,7 +170,7 @@ class DeferredCopies:
 
     def totals(self) -> tuple[int, float]:
         """As ``SideStreamCopies.totals``: the copies run so far, timed on the host."""
-        return self.timing.totals(lambda _: True, lambda seconds: seconds)
+        return self.timing.totals()
 
     def order_before_current(self, handle):
         self._run_through(handle)

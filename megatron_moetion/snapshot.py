@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_moetion.copy_schedule import ChunkedCopies
-from megatron_moetion.host_copy import HostBufferPool, SideStreamCopies
+from megatron_moetion.host_copy import CopyTiming, HostBufferPool, SideStreamCopies
 
 ALIGN = 64
 
@@ -246,7 +246,7 @@ class SnapshotEngine:
         self._pending = None  # copier handle of the last capture not known to be done
         self.chunks: ChunkedCopies | None = None
         self.last_copy_s = 0.0
-        self._sync_totals = (0, 0.0)  # bytes and seconds of synchronous copies (no copier)
+        self._sync_timing = CopyTiming()  # synchronous copies (no copier), timed on the host
 
     def interleave(self, chunk_bytes: int = 0) -> ChunkedCopies | None:
         """Issue each capture's copies in chunks at quiet points (``copy_schedule``); only
@@ -304,8 +304,7 @@ class SnapshotEngine:
         window.slot_meta[slot] = dict(meta)
         self.last_copy_s = time.perf_counter() - start
         if self.copier is None:
-            done, seconds = self._sync_totals
-            self._sync_totals = (done + nbytes, seconds + self.last_copy_s)
+            self._sync_timing.launched(nbytes, self.last_copy_s)
         return nbytes
 
     def copy_totals(self) -> tuple[int, float] | None:
@@ -313,7 +312,7 @@ class SnapshotEngine:
         copier's stream where copies are asynchronous); None for a copier that keeps no
         times."""
         if self.copier is None:
-            return self._sync_totals
+            return self._sync_timing.totals()
         totals = getattr(self.copier, "totals", None)
         return totals() if totals is not None else None
 
